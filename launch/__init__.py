@@ -1,0 +1,1 @@
+"""Command-line entry points: parse flags and gin, then call the library."""

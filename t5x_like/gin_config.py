@@ -1,0 +1,71 @@
+"""Gin parsing for the launchers: files, bindings, search paths, clear errors.
+
+Gin files configure library functions and classes directly through
+`from __gin__ import dynamic_registration`, so library code carries no gin
+decorators. Whatever goes wrong while parsing (a missing file, an unknown
+configurable or parameter, a `%gin.REQUIRED` macro left unset) is raised before
+any work starts, as a `GinConfigError` that names the offending item.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+
+import gin
+
+_REQUIRED_RE = re.compile(r"(\S+)/macro\.value set to `%gin\.REQUIRED`")
+
+
+class GinConfigError(ValueError):
+    """The gin configuration is invalid; the message says what and how to fix it."""
+
+
+def split_gin_shorthand(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Pulls `--gin.NAME=VALUE` out of argv, returning (other_args, bindings)."""
+    rest, bindings = [], []
+    for arg in argv:
+        if arg.startswith("--gin.") and "=" in arg:
+            bindings.append(arg[len("--gin."):])
+        else:
+            rest.append(arg)
+    return rest, bindings
+
+
+def parse(*, gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
+          search_paths: Sequence[str] = ()) -> None:
+    """Parses and finalises the config; raises GinConfigError on any problem."""
+    if not gin_files:
+        raise GinConfigError("No --gin_file given; e.g. --gin_file=configs/base.gin.")
+    paths = [os.getcwd(), *search_paths]
+    for path in dict.fromkeys(paths):
+        gin.add_config_file_search_path(path)
+    for gin_file in gin_files:
+        if not any(os.path.exists(os.path.join(p, gin_file)) for p in paths):
+            raise GinConfigError(
+                f"Gin file {gin_file!r} not found (searched {paths}). Pass a path relative "
+                "to the repository root or add its folder with --gin_search_paths.")
+    try:
+        gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings),
+                                            finalize_config=True)
+    except (ValueError, IOError, SyntaxError) as e:
+        raise GinConfigError(_explain(e)) from e
+
+
+def _explain(error: Exception) -> str:
+    message = str(error)
+    required = _REQUIRED_RE.search(message)
+    if required:
+        name = required.group(1)
+        return (f"Gin macro {name} is %gin.REQUIRED but was not set. Set it in a gin file "
+                f"or on the command line, e.g. --gin.{name}=...")
+    if "No configurable matching" in message or "doesn't have a parameter named" in message:
+        return (f"Unknown gin binding: {message.strip()}\nCheck the spelling against the "
+                "function or class signature (and the module import in the gin file).")
+    return f"Invalid gin configuration: {message.strip()}"
+
+
+def reset() -> None:
+    """Clears all gin state (tests and repeated in-process runs)."""
+    gin.clear_config(clear_constants=True)

@@ -1,0 +1,185 @@
+"""Device meshes, logical-axis rules, and the shardings derived from them.
+
+Model code names *logical* axes only ('batch', 'embed', 'mlp', 'heads', ...). This
+module maps those names onto the axes of a device mesh through rules chosen in gin,
+so the same model runs data-parallel, FSDP, tensor-parallel or FSDP+TP without a
+line of model code changing.
+
+The mesh always has the three axes `data`, `fsdp` and `model` (size 1 when unused),
+so every preset works on every mesh and a rule never names a missing axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "model")
+
+# A rule maps one logical axis to a mesh axis, a tuple of mesh axes, or None
+# (replicated). Flax applies the first rule for a logical axis whose mesh axes are
+# not already used by another dimension of the same array, so a later rule for the
+# same name is the fallback (e.g. activations whose batch dim already took `fsdp`).
+LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+_BATCH: LogicalRules = (("batch", ("data", "fsdp")),)
+_REPLICATED_REST: LogicalRules = (
+    ("vocab", None), ("embed", None), ("mlp", None), ("heads", None), ("kv", None),
+    ("length", None), ("relpos_buckets", None), ("layers", None),
+)
+_FSDP: LogicalRules = (("embed", "fsdp"),)
+_TENSOR: LogicalRules = (("mlp", "model"), ("heads", "model"), ("vocab", "model"))
+
+RULE_PRESETS: Mapping[str, LogicalRules] = {
+    # Every device holds all parameters; the batch is split over all devices.
+    "data_parallel": _BATCH + _REPLICATED_REST,
+    # Parameters and optimizer state split along `embed` over the fsdp axis
+    # (ZeRO-3 style); gathered per layer by XLA.
+    "fsdp": _BATCH + _FSDP + _REPLICATED_REST,
+    # Megatron-style: MLP hidden, attention heads and vocabulary split over `model`.
+    "tensor_parallel": _BATCH + _TENSOR + _REPLICATED_REST,
+    "fsdp_tp": _BATCH + _FSDP + _TENSOR + _REPLICATED_REST,
+}
+
+
+def resolve_rules(rules: str | Sequence[Sequence[Any]]) -> LogicalRules:
+    """Returns rules given either a preset name or explicit (logical, mesh) pairs."""
+    if isinstance(rules, str):
+        if rules not in RULE_PRESETS:
+            raise ValueError(
+                f"Unknown partitioning rules preset {rules!r}; choose one of "
+                f"{sorted(RULE_PRESETS)} or pass explicit (logical_axis, mesh_axes) pairs.")
+        return RULE_PRESETS[rules]
+    resolved = tuple((str(name), _as_mesh_axes(axes)) for name, axes in rules)
+    for name, axes in resolved:
+        for axis in (axes if isinstance(axes, tuple) else (axes,)):
+            if axis is not None and axis not in MESH_AXES:
+                raise ValueError(
+                    f"Rule for logical axis {name!r} names mesh axis {axis!r}; "
+                    f"mesh axes are {MESH_AXES}.")
+    return resolved
+
+
+def _as_mesh_axes(axes: Any) -> str | tuple[str, ...] | None:
+    if axes is None or isinstance(axes, str):
+        return axes
+    return tuple(axes)
+
+
+def resolve_mesh_shape(*, num_devices: int, data: int, fsdp: int, model: int
+                       ) -> tuple[int, int, int]:
+    """Fills in the single -1 entry so that data*fsdp*model == num_devices."""
+    sizes = [data, fsdp, model]
+    unknown = [i for i, s in enumerate(sizes) if s == -1]
+    if len(unknown) > 1:
+        raise ValueError(f"At most one mesh axis may be -1, got data={data}, "
+                         f"fsdp={fsdp}, model={model}.")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if unknown:
+        if num_devices % known:
+            raise ValueError(
+                f"{num_devices} devices cannot be split into a mesh with fixed axes "
+                f"product {known} (data={data}, fsdp={fsdp}, model={model}).")
+        sizes[unknown[0]] = num_devices // known
+    if int(np.prod(sizes)) != num_devices:
+        raise ValueError(
+            f"Mesh data={sizes[0]} x fsdp={sizes[1]} x model={sizes[2]} needs "
+            f"{int(np.prod(sizes))} devices, but {num_devices} are available. Set one "
+            "axis to -1 to absorb the remaining devices.")
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(*, data: int = -1, fsdp: int = 1, model: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a ('data', 'fsdp', 'model') mesh in topology-aware device order."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape(num_devices=len(devices), data=data, fsdp=fsdp, model=model)
+    try:
+        device_array = mesh_utils.create_device_mesh(shape, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        # Topology-aware placement is unavailable for some device kinds (e.g. a
+        # subset of devices); fall back to the given order, which is still correct.
+        device_array = np.asarray(devices).reshape(shape)
+    return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+class Partitioner:
+    """A mesh plus logical-axis rules: everything needed to place arrays.
+
+    Built from gin (see configs/partitioning/*.gin). -1 on one axis means "the
+    remaining devices", so the same config runs on 1, 8 or 256 devices.
+    """
+
+    def __init__(self, *, data_parallelism: int = -1, fsdp_parallelism: int = 1,
+                 tensor_parallelism: int = 1,
+                 rules: str | Sequence[Sequence[Any]] = "data_parallel",
+                 devices: Sequence[jax.Device] | None = None):
+        self.rules = resolve_rules(rules)
+        self.mesh = make_mesh(data=data_parallelism, fsdp=fsdp_parallelism,
+                              model=tensor_parallelism, devices=devices)
+
+    def __repr__(self) -> str:
+        shape = ", ".join(f"{k}={v}" for k, v in self.mesh.shape.items())
+        return f"Partitioner(mesh=({shape}))"
+
+    @property
+    def data_shards(self) -> int:
+        """How many ways the batch dimension is split."""
+        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+    def logical_to_mesh_spec(self, logical_axes: Sequence[str | None]) -> PartitionSpec:
+        return nn.logical_to_mesh_axes(tuple(logical_axes), self.rules)
+
+    def sharding(self, logical_axes: Sequence[str | None]) -> NamedSharding:
+        return NamedSharding(self.mesh, self.logical_to_mesh_spec(logical_axes))
+
+    def shardings(self, logical_specs: Any) -> Any:
+        """Maps a tree of logical PartitionSpecs to a tree of NamedShardings."""
+        return jax.tree.map(self.sharding, logical_specs,
+                            is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+    def batch_sharding(self, ndim: int = 2) -> NamedSharding:
+        return self.sharding(("batch",) + (None,) * (ndim - 1))
+
+    def context(self):
+        """Context in which model code is traced: mesh + logical rules active."""
+        return _MeshAndRules(self.mesh, self.rules)
+
+
+@dataclasses.dataclass
+class _MeshAndRules:
+    mesh: Mesh
+    rules: LogicalRules
+
+    def __enter__(self):
+        self._mesh_ctx = jax.set_mesh(self.mesh)
+        self._rules_ctx = nn.logical_axis_rules(self.rules)
+        self._mesh_ctx.__enter__()
+        self._rules_ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._rules_ctx.__exit__(*exc)
+        self._mesh_ctx.__exit__(*exc)
+
+
+def host_local_to_global(batch: Mapping[str, np.ndarray], partitioner: Partitioner
+                         ) -> dict[str, jax.Array]:
+    """Turns this host's slice of the batch into global arrays on the mesh.
+
+    Each process passes only its own rows (its data shard); the global batch is
+    the concatenation over processes in process order.
+    """
+    out = {}
+    for name, local in batch.items():
+        sharding = partitioner.batch_sharding(local.ndim)
+        global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+        out[name] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+    return out

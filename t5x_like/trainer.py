@@ -1,0 +1,226 @@
+"""The train state, its sharded initialisation, and the jitted train step.
+
+Initialisation never materialises the full parameters on one host: the state is
+first traced abstractly (`jax.eval_shape`), its logical axis names are turned into
+shardings, and only then is `init` compiled with those `out_shardings`, so each
+device creates just its own shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from t5x_like.optimizers import Optimizer
+from t5x_like.partitioning import Partitioner
+
+Batch = Mapping[str, jax.Array]
+
+
+class Model(Protocol):
+    """What the trainer needs from a model (see models/t5.py)."""
+
+    def init_params(self, rng: jax.Array, *, batch_size: int, **lengths: int) -> Any: ...
+
+    def loss_and_metrics(self, params: Any, batch: Batch, *,
+                         dropout_rng: jax.Array | None) -> tuple[jax.Array, dict]: ...
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+# --------------------------------------------------------------------------- init
+
+def init_shape_kwargs(feature_lengths: Mapping[str, int]) -> dict[str, int]:
+    """The lengths `Model.init_params` needs, from the data's feature lengths."""
+    return {"encoder_length": feature_lengths["encoder_input_tokens"],
+            "decoder_length": feature_lengths["decoder_target_tokens"]}
+
+
+def _optimizer_state_logical_specs(opt_state: Any, params: Any,
+                                   param_specs: Any, tx: optax.GradientTransformation
+                                   ) -> Any:
+    """Logical specs for every optimizer-state leaf, inferred from its parameter.
+
+    A leaf shaped like its parameter (Adam moments) takes the parameter's spec; a
+    leaf that drops one dimension (Adafactor's factored row/column statistics)
+    takes the spec with that dimension removed; anything else (counters, scalars)
+    is replicated. This keeps the optimizer state as sharded as the parameters
+    under FSDP without the optimizer knowing about meshes.
+    """
+    def spec_for(leaf, param, spec):
+        if not hasattr(leaf, "shape") or not hasattr(param, "shape"):
+            return PartitionSpec()
+        names = tuple(spec) + (None,) * (len(param.shape) - len(spec))
+        if tuple(leaf.shape) == tuple(param.shape):
+            return PartitionSpec(*names)
+        if len(leaf.shape) == len(param.shape) - 1:
+            for dropped in range(len(param.shape)):
+                kept = param.shape[:dropped] + param.shape[dropped + 1:]
+                if tuple(leaf.shape) == tuple(kept):
+                    return PartitionSpec(*(names[:dropped] + names[dropped + 1:]))
+        return PartitionSpec(*([None] * len(leaf.shape)))
+
+    def replicated(leaf):
+        return PartitionSpec(*([None] * len(getattr(leaf, "shape", ()))))
+
+    return optax.tree_utils.tree_map_params(
+        tx, spec_for, opt_state, params, param_specs,
+        transform_non_params=replicated,
+        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StateLayout:
+    """Shapes, logical specs and shardings of the train state."""
+    abstract: TrainState          # ShapeDtypeStructs
+    logical_specs: TrainState     # PartitionSpecs of logical axis names
+    shardings: TrainState         # NamedShardings on the partitioner's mesh
+
+    def abstract_with_shardings(self) -> TrainState:
+        """ShapeDtypeStructs carrying shardings: the target of a sharded restore."""
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            self.abstract, self.shardings)
+
+
+def _make_init_fn(model: Model, optimizer: Optimizer, feature_lengths: Mapping[str, int]
+                  ) -> Callable[[jax.Array], TrainState]:
+    shape_kwargs = init_shape_kwargs(feature_lengths)
+
+    def init(rng: jax.Array) -> TrainState:
+        params = nn.unbox(model.init_params(rng, batch_size=1, **shape_kwargs))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optimizer.transform.init(params))
+    return init
+
+
+def state_layout(*, model: Model, optimizer: Optimizer, partitioner: Partitioner,
+                 feature_lengths: Mapping[str, int]) -> StateLayout:
+    """Traces init abstractly and derives the state's shardings. Cheap: no FLOPs."""
+    shape_kwargs = init_shape_kwargs(feature_lengths)
+    rng = jax.random.key(0)
+    with partitioner.context():
+        boxed = jax.eval_shape(
+            lambda r: model.init_params(r, batch_size=1, **shape_kwargs), rng)
+        abstract = jax.eval_shape(_make_init_fn(model, optimizer, feature_lengths), rng)
+    param_specs = nn.get_partition_spec(boxed)
+    opt_specs = _optimizer_state_logical_specs(
+        abstract.opt_state, abstract.params, param_specs, optimizer.transform)
+    logical = TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs)
+    return StateLayout(abstract=abstract, logical_specs=logical,
+                       shardings=partitioner.shardings(logical))
+
+
+def init_train_state(*, model: Model, optimizer: Optimizer, partitioner: Partitioner,
+                     feature_lengths: Mapping[str, int], seed: int,
+                     layout: StateLayout) -> TrainState:
+    """Creates the state directly in its shards (each device builds only its part)."""
+    init = _make_init_fn(model, optimizer, feature_lengths)
+    with partitioner.context():
+        return jax.jit(init, out_shardings=layout.shardings)(jax.random.key(seed))
+
+
+# --------------------------------------------------------------------------- step
+
+def _split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
+    def split(x):
+        if x.shape[0] % num_microbatches:
+            raise ValueError(f"Batch size {x.shape[0]} is not divisible by "
+                             f"num_microbatches={num_microbatches}.")
+        return x.reshape((num_microbatches, x.shape[0] // num_microbatches) + x.shape[1:])
+    return jax.tree.map(split, batch)
+
+
+def _sum_metrics_and_grads(model: Model, params: Any, batch: Batch, dropout_rng,
+                           num_microbatches: int) -> tuple[dict, Any]:
+    """Gradient of the *unnormalised* loss, summed over microbatches.
+
+    The loss is normalised by the number of real target tokens in the whole batch,
+    so microbatches contribute sums and the division happens once at the end: the
+    result equals the single-batch gradient, not an average of per-microbatch means.
+    """
+    def sum_loss(p, micro, rng):
+        loss, metrics = model.loss_and_metrics(p, micro, dropout_rng=rng)
+        return loss * jax.lax.stop_gradient(metrics["weight_sum"]), metrics
+
+    grad_fn = jax.grad(sum_loss, has_aux=True)
+    if num_microbatches == 1:
+        grads, metrics = grad_fn(params, batch, dropout_rng)
+        return metrics, grads
+
+    micro = _split_microbatches(batch, num_microbatches)
+
+    def body(carry, xs):
+        grads_acc, metrics_acc = carry
+        index, mb = xs
+        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+        grads, metrics = grad_fn(params, mb, rng)
+        return (jax.tree.map(jnp.add, grads_acc, grads),
+                jax.tree.map(jnp.add, metrics_acc, metrics)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    metrics_shape = jax.eval_shape(lambda: grad_fn(params, first, dropout_rng)[1])
+    zeros_grads = jax.tree.map(jnp.zeros_like, params)
+    zeros_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape)
+    (grads, metrics), _ = jax.lax.scan(
+        body, (zeros_grads, zeros_metrics), (jnp.arange(num_microbatches), micro))
+    return metrics, grads
+
+
+def make_train_step(*, model: Model, optimizer: Optimizer, num_microbatches: int = 1,
+                    dropout_seed: int = 0) -> Callable[[TrainState, Batch], tuple]:
+    """Returns the pure train step `(state, batch) -> (new_state, metrics)`.
+
+    Metrics are scalars: the normalised loss, z-loss, token accuracy, the learning
+    rate used, the gradient and parameter global norms, and the token count.
+    """
+    def train_step(state: TrainState, batch: Batch):
+        dropout_rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
+        sums, grads = _sum_metrics_and_grads(model, state.params, batch, dropout_rng,
+                                             num_microbatches)
+        weight_sum = jnp.maximum(sums["weight_sum"], 1.0)
+        grads = jax.tree.map(lambda g: g / weight_sum, grads)
+        updates, opt_state = optimizer.transform.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": (sums["loss_sum"] + sums["z_loss_sum"]) / weight_sum,
+            "cross_entropy": sums["loss_sum"] / weight_sum,
+            "z_loss": sums["z_loss_sum"] / weight_sum,
+            "accuracy": sums["accuracy_sum"] / weight_sum,
+            "target_tokens": sums["weight_sum"],
+            "learning_rate": optimizer.learning_rate(state.step),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def jit_train_step(train_step: Callable, *, partitioner: Partitioner, layout: StateLayout,
+                   batch_feature_names: tuple[str, ...]) -> Callable:
+    """Compiles the step with explicit in/out shardings and the state donated."""
+    batch_shardings = {name: partitioner.batch_sharding() for name in batch_feature_names}
+    replicated = NamedSharding(partitioner.mesh, PartitionSpec())
+    jitted = jax.jit(train_step,
+                     in_shardings=(layout.shardings, batch_shardings),
+                     out_shardings=(layout.shardings, replicated),
+                     donate_argnums=(0,))
+
+    def step(state: TrainState, batch: Batch):
+        with partitioner.context():
+            return jitted(state, batch)
+    return step
