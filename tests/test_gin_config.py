@@ -1,0 +1,53 @@
+"""Bad gin input fails before any work, with a message naming the culprit."""
+
+import pytest
+
+from launch import train as launch_train
+from t5x_like import gin_config
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+    gin_config.reset()
+    yield
+    gin_config.reset()
+
+
+def parse(*bindings, files=("configs/base.gin",)):
+    gin_config.parse(gin_files=list(files), gin_bindings=list(bindings))
+
+
+def test_base_config_parses():
+    parse()
+
+
+def test_unknown_parameter_is_named():
+    with pytest.raises(gin_config.GinConfigError, match="bogus_steps"):
+        parse("train_lib.train.bogus_steps = 3")
+
+
+def test_unknown_configurable_is_named():
+    with pytest.raises(gin_config.GinConfigError, match="optimizers.lion"):
+        parse("optimizers.lion.learning_rate = 0.1")
+
+
+def test_missing_required_macro_is_named():
+    files = ("configs/runs/pretrain.gin", "configs/models/t5_1_1_tiny.gin",
+             "configs/partitioning/data_parallel.gin")
+    with pytest.raises(gin_config.GinConfigError, match="MODEL_DIR is %gin.REQUIRED"):
+        parse("MIXTURE_OR_TASK_NAME='x'", "TASK_FEATURE_LENGTHS={}", "TRAIN_STEPS=1",
+              files=files)
+
+
+def test_missing_gin_file_is_named():
+    with pytest.raises(gin_config.GinConfigError, match="configs/nope.gin"):
+        parse(files=("configs/nope.gin",))
+
+
+def test_cli_shorthand_and_exit_message(capsys):
+    args, bindings = launch_train.parse_flags(
+        ["--gin_file=a.gin", "--gin.TRAIN_STEPS=7", "--gin_bindings=BATCH_SIZE=4"])
+    assert args.gin_file == ["a.gin"] and bindings == ["BATCH_SIZE=4", "TRAIN_STEPS=7"]
+    with pytest.raises(SystemExit) as exit_info:
+        launch_train.main(["--gin_file=configs/base.gin", "--gin.train_lib.train.nope=1"])
+    assert "nope" in str(exit_info.value) and str(exit_info.value).startswith("error:")
