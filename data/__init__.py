@@ -1,0 +1,1 @@
+"""Bundled data: corpus, SentencePiece vocabulary and seqio task registrations."""
