@@ -1,0 +1,1 @@
+"""Model layer: Flax modules, losses and the model wrappers the trainer drives."""
