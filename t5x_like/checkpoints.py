@@ -4,55 +4,289 @@ A checkpoint holds two items: `state` (the sharded TrainState) and `data` (a sma
 JSON record of the input position, so a resumed run sees the batches an
 uninterrupted run would have seen). Saves are asynchronous: the step loop goes on
 while the arrays are written in the background.
+
+Never losing a run:
+- Orbax writes each step into a temporary directory and renames it when complete,
+  so a crash mid-write leaves no step directory that looks finished.
+- `restore_latest` walks back from the newest step. A checkpoint that cannot be
+  read (truncated or missing files) is moved aside to `<dir>.corrupt/` with a
+  warning naming it, and the previous one is used. A checkpoint that is readable
+  but does not fit the model (the config changed) is an error, never skipped:
+  recovery must not throw away valid work.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint is readable but its tree does not match what is being restored."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (disk full, no permission...)."""
+
+
+def _item_handlers(state_handler: ocp.CheckpointHandler | None = None) -> dict:
+    return {"state": state_handler or ocp.StandardCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler()}
+
+
+def _path_str(path: Sequence[Any]) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                    for k in path)
+
+
+def flatten_with_paths(tree: Any) -> dict[str, Any]:
+    """{'params/encoder/.../kernel': leaf} with the same path strings Orbax uses."""
+    return {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 class Checkpointer:
     """Saves whenever asked: *when* to save is the train loop's decision alone."""
 
-    def __init__(self, *, directory: str, max_to_keep: int | None = 3, async_save: bool = True):
+    def __init__(self, *, directory: str, max_to_keep: int | None = 3,
+                 keep_period: int | None = None, async_save: bool = True):
+        """`max_to_keep` latest checkpoints are kept, plus forever every step that is
+        a multiple of `keep_period` (e.g. for later evaluation)."""
         self.directory = directory
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
+            keep_period=keep_period,
             create=True,
             enable_async_checkpointing=async_save,
         )
-        self._manager = ocp.CheckpointManager(directory, options=options)
+        try:
+            self._manager = ocp.CheckpointManager(directory, options=options,
+                                                  item_handlers=_item_handlers())
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"Cannot create or read the checkpoint directory {directory}: {e}. "
+                "Check MODEL_DIR's path and permissions.") from e
+        self._pending_step: int | None = None
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
+        return sorted(self._manager.all_steps())
+
+    # ------------------------------------------------------------------ save
 
     def save(self, step: int, state: Any, *, data_position: dict) -> None:
-        """Starts an async save of `state` and the data position at `step`."""
-        self._manager.save(
+        """Starts an async save of `state` and the data position at `step`.
+
+        Errors of the previous async save surface here (or in `wait_until_finished`)
+        as CheckpointWriteError naming the step and the last complete checkpoint.
+        """
+        self._raise_write_error_from(lambda: self._manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                     data=ocp.args.JsonSave(data_position)),
-            force=True)
+            force=True), step)
+        self._pending_step = step
+
+    def wait_until_finished(self) -> None:
+        self._raise_write_error_from(self._manager.wait_until_finished, self._pending_step)
+        self._pending_step = None
+
+    def close(self) -> None:
+        try:
+            self.wait_until_finished()
+        finally:
+            self._manager.close()
+
+    def _raise_write_error_from(self, fn, step: int | None) -> None:
+        try:
+            fn()
+        except (OSError, ValueError, RuntimeError) as e:
+            if isinstance(e, CheckpointWriteError):
+                raise
+            complete = [s for s in self._list_complete_steps() if s != step]
+            kept = (f"the last complete checkpoint is step {complete[-1]}, intact"
+                    if complete else "no earlier checkpoint exists")
+            raise CheckpointWriteError(
+                f"Writing the checkpoint for step {step} to {self.directory} failed: "
+                f"{type(e).__name__}: {e}. {kept.capitalize()}. Free disk space or fix "
+                "permissions, then rerun to resume.") from e
+
+    def _list_complete_steps(self) -> list[int]:
+        try:
+            self._manager.reload()
+            return self.all_steps()
+        except Exception:   # the directory itself may be the problem
+            return []
+
+    # ------------------------------------------------------------------ restore
 
     def restore(self, step: int, *, abstract_state: Any) -> tuple[Any, dict]:
         """Restores onto the shardings carried by `abstract_state`'s leaves."""
+        _check_tree_matches(self._state_metadata(step), abstract_state,
+                            what=f"checkpoint step {step} in {self.directory}")
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                     data=ocp.args.JsonRestore()))
         return restored.state, dict(restored.data)
 
-    def wait_until_finished(self) -> None:
-        self._manager.wait_until_finished()
+    def read_state(self, step: int) -> Any:
+        """The saved state as a tree of arrays on one device, for inspection/export."""
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        metadata = self._manager.item_metadata(step)["state"]
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+        return self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract))).state
 
-    def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+    def restore_latest(self, *, abstract_state: Any) -> tuple[int, Any, dict] | None:
+        """Restores the newest readable checkpoint; None when there is none."""
+        for step in reversed(self.all_steps()):
+            try:
+                self._state_metadata(step)       # unreadable metadata: corrupt
+                state, data_position = self.restore(step, abstract_state=abstract_state)
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any read failure means "unusable"
+                self._quarantine(step, e)
+                continue
+            return step, state, data_position
+        return None
+
+    def _state_metadata(self, step: int) -> dict[str, Any]:
+        metadata = self._manager.item_metadata(step)["state"]
+        if metadata is None:
+            raise FileNotFoundError(f"no state metadata for step {step}")
+        return flatten_with_paths(metadata)
+
+    def _quarantine(self, step: int, error: Exception) -> None:
+        source = os.path.join(self.directory, str(step))
+        target = os.path.join(f"{self.directory.rstrip('/')}.corrupt",
+                              f"{step}-{int(time.time())}")
+        log.warning("Checkpoint step %d at %s is unreadable (%s: %s). Moving it to %s "
+                    "and trying the previous one.", step, source, type(error).__name__,
+                    str(error)[:300], target)
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(source, target)
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+        self._manager.reload()
+
+
+def _check_tree_matches(saved: Mapping[str, Any], abstract_state: Any, *, what: str) -> None:
+    wanted = flatten_with_paths(abstract_state)
+    missing = sorted(set(wanted) - set(saved))
+    unexpected = sorted(set(saved) - set(wanted))
+    reshaped = sorted(k for k in set(wanted) & set(saved)
+                      if tuple(saved[k].shape) != tuple(wanted[k].shape))
+    if missing or unexpected or reshaped:
+        raise CheckpointMismatchError(
+            f"{what} does not match this run's train state (did the model, optimizer or "
+            f"partitioning config change?). Missing in checkpoint: {missing[:8]}"
+            f"{'...' if len(missing) > 8 else ''}; unexpected: {unexpected[:8]}"
+            f"{'...' if len(unexpected) > 8 else ''}; shape changed: "
+            + ", ".join(f"{k} {tuple(saved[k].shape)}->{tuple(wanted[k].shape)}"
+                        for k in reshaped[:8])
+            + ". Use a new MODEL_DIR, or start from it with `init_from` (parameters only).")
+
+
+# ---------------------------------------------------------------------- init from
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InitFrom:
+    """Start a new run from another run's parameters (the optimizer starts fresh).
+
+    Attributes:
+      directory: the other run's checkpoints directory (MODEL_DIR/checkpoints).
+      step: which step; the latest when None.
+      rename: (regex, replacement) pairs applied in order to *this* model's
+        parameter paths (e.g. 'encoder/layers_0/mlp/wi_0/kernel') to find the name
+        in the checkpoint; the first full match wins, unmatched paths map to
+        themselves. Lets a checkpoint seed a model with renamed or reused parts.
+      strict: if True, every parameter must be found and every checkpoint
+        parameter used; otherwise missing ones keep their fresh initialisation and
+        unused ones are ignored (both listed in the log).
+    Values are cast to this model's parameter dtypes (e.g. bfloat16 <-> float32).
+    """
+    directory: str
+    step: int | None = None
+    rename: tuple[tuple[str, str], ...] = ()
+    strict: bool = True
+
+    def source_path(self, ours: str) -> str:
+        for pattern, replacement in self.rename:
+            if re.fullmatch(pattern, ours):
+                return re.sub(f"^(?:{pattern})$", replacement, ours)
+        return ours
+
+
+def restore_params_from(init_from: InitFrom, *, abstract_params: Any, fresh_params: Any
+                        ) -> Any:
+    """Returns `fresh_params` with every parameter found in the checkpoint replaced.
+
+    Only the selected arrays are read (Orbax partial restore), each directly into
+    the shard layout of `abstract_params`.
+    """
+    manager = ocp.CheckpointManager(
+        init_from.directory, options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers=_item_handlers(ocp.PyTreeCheckpointHandler()))
+    step = init_from.step if init_from.step is not None else manager.latest_step()
+    if step is None or step not in manager.all_steps():
+        raise FileNotFoundError(
+            f"No checkpoint{'' if step is None else f' at step {step}'} in "
+            f"{init_from.directory} (steps there: {sorted(manager.all_steps())}).")
+    saved = flatten_with_paths(manager.item_metadata(step)["state"])
+    saved_params = {k[len("params/"):]: v for k, v in saved.items() if k.startswith("params/")}
+    ours = flatten_with_paths(abstract_params)
+    mapping = {k: init_from.source_path(k) for k in ours}
+    missing = sorted(k for k, src in mapping.items() if src not in saved_params)
+    unused = sorted(set(saved_params) - set(mapping.values()))
+    reshaped = sorted(k for k, src in mapping.items() if src in saved_params
+                      and tuple(saved_params[src].shape) != tuple(ours[k].shape))
+    problems = (f"missing (not in the checkpoint): {missing}; unused checkpoint "
+                f"parameters: {unused}; shape mismatches: {reshaped}")
+    if reshaped or (init_from.strict and (missing or unused)):
+        raise CheckpointMismatchError(
+            f"Cannot initialise from {init_from.directory} step {step}: {problems}. "
+            "Add `rename` rules, or set strict=False to keep fresh values for missing "
+            "parameters.")
+    if missing or unused:
+        log.warning("Partial init from %s step %d: %s", init_from.directory, step, problems)
+
+    # Build the partial tree in the checkpoint's own layout: {'params': {...}}.
+    item, restore_args = {}, {}
+    for k, src in mapping.items():
+        if src not in saved_params:
+            continue
+        _set_path(item, ("params", *src.split("/")), ours[k])
+        _set_path(restore_args, ("params", *src.split("/")), ocp.ArrayRestoreArgs(
+            sharding=ours[k].sharding, dtype=ours[k].dtype, global_shape=ours[k].shape))
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))).state
+    manager.close()
+    loaded = flatten_with_paths(restored)
+    fresh = flatten_with_paths(fresh_params)
+    merged = {k: loaded.get(f"params/{mapping[k]}", fresh[k]) for k in ours}
+    treedef = jax.tree.structure(fresh_params)
+    log.info("Initialised %d/%d parameters from %s step %d", len(ours) - len(missing),
+             len(ours), init_from.directory, step)
+    return jax.tree.unflatten(treedef, [merged[k] for k in flatten_with_paths(fresh_params)])
+
+
+def _set_path(tree: dict, path: Sequence[str], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value

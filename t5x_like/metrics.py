@@ -32,6 +32,7 @@ class TensorBoardWriter:
         event = event_pb2.Event(wall_time=time.time(), step=int(step),
                                 summary=summary_pb2.Summary(value=values))
         self._writer.add_event(event)
+        self._writer.flush()     # log points are rare; a killed run keeps its curve
 
     def flush(self) -> None:
         self._writer.flush()

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 from collections.abc import Iterator, Mapping
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import gin
 import jax
 import numpy as np
 
-from t5x_like import checkpoints, metrics as metrics_lib, param_table, partitioning, trainer
+from t5x_like import (checkpoints, host_batches, metrics as metrics_lib, param_table,
+                      partitioning, preemption, trainer)
 from t5x_like.optimizers import Optimizer
 
 log = logging.getLogger(__name__)
@@ -41,13 +41,18 @@ class TrainResult:
     final_step: int
     losses: dict[int, float]      # step -> loss at every logged step of this invocation
     final_state: Any
+    preempted: bool = False
 
 
 def train(*, model_dir: str, model: trainer.Model, train_data: DataSource,
           partitioner: partitioning.Partitioner, optimizer: Optimizer, train_steps: int,
           batch_size: int, seed: int = 0, num_microbatches: int = 1,
+          num_data_shards: int | None = None,
           checkpoint_every_steps: int = 100, keep_checkpoints: int | None = 3,
-          async_checkpointing: bool = True, log_every_steps: int = 10) -> TrainResult:
+          keep_checkpoint_period: int | None = None, async_checkpointing: bool = True,
+          init_from: checkpoints.InitFrom | None = None,
+          on_nonfinite_loss: Literal["halt", "skip_update"] = "halt",
+          log_every_steps: int = 10) -> TrainResult:
     """Trains `model` on `train_data` until `train_steps`, resuming if possible.
 
     Args:
@@ -55,16 +60,25 @@ def train(*, model_dir: str, model: trainer.Model, train_data: DataSource,
         Rerunning with the same directory resumes from its latest checkpoint.
       batch_size: the global batch size (sequences per step over all hosts).
       num_microbatches: gradient accumulation; the update equals the full-batch one.
+      num_data_shards: how many shards the input is split into (default: one per
+        process). Runs with the same value see the same batches on any number of
+        processes that divides it.
+      keep_checkpoints / keep_checkpoint_period: keep the latest N checkpoints, plus
+        every step that is a multiple of the period, forever.
+      init_from: for a new run, take parameters from another run's checkpoint.
+      on_nonfinite_loss: a step with a NaN/Inf loss or gradient is never applied;
+        'halt' then stops with an error naming the step, 'skip_update' goes on.
     """
     is_lead_host = jax.process_index() == 0
-    os.makedirs(model_dir, exist_ok=True)
-    if batch_size % jax.process_count():
-        raise ValueError(f"batch_size={batch_size} must divide evenly over "
-                         f"{jax.process_count()} processes.")
+    num_data_shards = num_data_shards or jax.process_count()
     if batch_size % partitioner.data_shards:
         raise ValueError(f"batch_size={batch_size} must divide evenly over the "
                          f"{partitioner.data_shards} data shards of {partitioner}.")
+    if on_nonfinite_loss not in ("halt", "skip_update"):
+        raise ValueError(f"on_nonfinite_loss must be 'halt' or 'skip_update', got "
+                         f"{on_nonfinite_loss!r}.")
     if is_lead_host:
+        os.makedirs(model_dir, exist_ok=True)
         with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
             f.write(gin.operative_config_str())
 
@@ -80,26 +94,32 @@ def train(*, model_dir: str, model: trainer.Model, train_data: DataSource,
     # ----------------------------------------------------------- restore or init
     checkpointer = checkpoints.Checkpointer(
         directory=os.path.join(os.path.abspath(model_dir), "checkpoints"),
-        max_to_keep=keep_checkpoints,
+        max_to_keep=keep_checkpoints, keep_period=keep_checkpoint_period,
         async_save=async_checkpointing)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state, data_position = checkpointer.restore(
-            latest, abstract_state=layout.abstract_with_shardings())
-        _check_data_position(data_position, batch_size=batch_size, seed=seed)
-        log.info("Resumed from checkpoint at step %d in %s", latest, checkpointer.directory)
+    restored = checkpointer.restore_latest(abstract_state=layout.abstract_with_shardings())
+    if restored is not None:
+        restored_step, state, data_position = restored
+        _check_data_position(data_position, batch_size=batch_size, seed=seed,
+                             num_data_shards=num_data_shards)
+        log.info("Resumed from checkpoint at step %d in %s", restored_step,
+                 checkpointer.directory)
     else:
         state = trainer.init_train_state(model=model, optimizer=optimizer,
                                          partitioner=partitioner,
                                          feature_lengths=feature_lengths, seed=seed,
                                          layout=layout)
         log.info("Initialised a new model (seed %d)", seed)
+        if init_from is not None:
+            state = state.replace(params=checkpoints.restore_params_from(
+                init_from, abstract_params=layout.abstract_with_shardings().params,
+                fresh_params=state.params))
     start_step = int(state.step)
 
     # ----------------------------------------------------------- data, positioned at the step
-    batches = train_data.iterator(per_host_batch_size=batch_size // jax.process_count(),
-                                  shard_index=jax.process_index(),
-                                  num_shards=jax.process_count(), start_step=start_step)
+    batches = host_batches.host_batches(
+        train_data, global_batch_size=batch_size, num_data_shards=num_data_shards,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        start_step=start_step)
 
     # ----------------------------------------------------------- the loop
     train_step = trainer.jit_train_step(
@@ -109,9 +129,12 @@ def train(*, model_dir: str, model: trainer.Model, train_data: DataSource,
     writer = metrics_lib.TensorBoardWriter(logdir=os.path.join(model_dir, "train")) \
         if is_lead_host else None
     progress = metrics_lib.Progress(total_steps=train_steps, start_step=start_step)
-    data_position = {"step": start_step, "global_batch_size": batch_size, "seed": seed}
+    guard = _NonFiniteGuard(policy=on_nonfinite_loss, checkpointer=checkpointer)
+    watcher = preemption.PreemptionWatcher()
+    data_position = {"step": start_step, "global_batch_size": batch_size, "seed": seed,
+                     "num_data_shards": num_data_shards}
     losses: dict[int, float] = {}
-    step = start_step
+    step, preempted = start_step, False
     try:
         while step < train_steps:
             local_batch = next(batches)
@@ -119,52 +142,84 @@ def train(*, model_dir: str, model: trainer.Model, train_data: DataSource,
             state, step_metrics = train_step(
                 state, partitioning.host_local_to_global(local_batch, partitioner))
             step += 1
+            guard.observe(step, step_metrics)      # checks the previous step: no stall
             data_position = {**data_position, "step": step}
+            preempted = watcher.should_stop(step)
             is_last = step == train_steps
-            due_to_save = is_last or step % checkpoint_every_steps == 0
-            if is_last or step % log_every_steps == 0 or due_to_save:
+            if is_last or step % log_every_steps == 0:
                 host_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                _halt_if_not_finite(host_metrics, step, checkpointer)
                 losses[step] = host_metrics["loss"]
-                if step % log_every_steps == 0 or is_last:
-                    rates = progress.tick(step)
-                    log.info(progress.line(step, host_metrics, rates))
-                    if writer:
-                        writer.write_scalars(step, {**host_metrics, **rates})
-            if due_to_save:
+                rates = progress.tick(step)
+                log.info(progress.line(step, host_metrics, rates))
+                if writer:
+                    writer.write_scalars(step, {**host_metrics, **rates})
+            if is_last or preempted or step % checkpoint_every_steps == 0:
+                guard.flush()                      # never save past an unchecked step
                 checkpointer.save(step, state, data_position=data_position)
+            if preempted:
+                log.warning("Preempted (SIGTERM): saved step %d; exiting cleanly. Rerun "
+                            "the same command to resume.", step)
+                break
+        guard.flush()
     finally:
+        watcher.close()
         checkpointer.close()          # waits for any in-flight async save
         if writer:
             writer.close()
-    log.info("Finished at step %d; checkpoints in %s", step, checkpointer.directory)
+    log.info("Stopped at step %d; checkpoints in %s", step, checkpointer.directory)
     return TrainResult(start_step=start_step, final_step=step, losses=losses,
-                       final_state=state)
+                       final_state=state, preempted=preempted)
+
+
+class _NonFiniteGuard:
+    """Reads each step's `nonfinite` flag one step late, so the device never waits.
+
+    The step itself already refused to apply a non-finite update, so the state in
+    memory (and any checkpoint) is the last good one.
+    """
+
+    def __init__(self, *, policy: str, checkpointer: checkpoints.Checkpointer):
+        self._policy = policy
+        self._checkpointer = checkpointer
+        self._pending: tuple[int, Any] | None = None
+        self.skipped_steps: list[int] = []
+
+    def observe(self, step: int, step_metrics: Mapping[str, jax.Array]) -> None:
+        self.flush()
+        self._pending = (step, step_metrics["nonfinite"])
+
+    def flush(self) -> None:
+        if self._pending is None:
+            return
+        step, flag = self._pending
+        self._pending = None
+        if float(flag) == 0.0:
+            return
+        self.skipped_steps.append(step)
+        if self._policy == "skip_update":
+            log.warning("Step %d: loss or gradient is NaN/Inf; the update was skipped "
+                        "(%d skipped so far).", step, len(self.skipped_steps))
+            return
+        self._checkpointer.wait_until_finished()
+        last = self._checkpointer.latest_step()
+        where = (f"the last good checkpoint is step {last} in {self._checkpointer.directory}"
+                 if last is not None else "no checkpoint was written yet")
+        raise FloatingPointError(
+            f"Loss or gradient became NaN/Inf at step {step}; {where}. Lower the learning "
+            "rate or check the data, then rerun to resume from that checkpoint (or set "
+            "train.on_nonfinite_loss='skip_update').")
 
 
 def _count_real_tokens(batch: Mapping[str, np.ndarray]) -> int:
-    """Non-padding tokens in this host's batch (inputs and targets)."""
-    return int(sum(np.count_nonzero(v) for k, v in batch.items()
-                   if k.endswith("input_tokens") or k == "decoder_target_tokens"))
+    """Non-padding tokens in this host's batch: encoder inputs plus decoder targets."""
+    return int(sum(np.count_nonzero(batch[k]) for k in
+                   ("encoder_input_tokens", "decoder_target_tokens") if k in batch))
 
 
-def _halt_if_not_finite(host_metrics: Mapping[str, float], step: int,
-                        checkpointer: checkpoints.Checkpointer) -> None:
-    if not math.isfinite(host_metrics["loss"]):
-        checkpointer.wait_until_finished()
-        last = checkpointer.latest_step()
-        where = (f"the last good checkpoint is step {last} in {checkpointer.directory}"
-                 if last is not None else "no checkpoint was written yet")
-        raise FloatingPointError(
-            f"Loss became {host_metrics['loss']} at step {step}; {where}. Lower the "
-            "learning rate or check the data, then rerun to resume from that checkpoint.")
-
-
-def _check_data_position(data_position: Mapping[str, Any], *, batch_size: int,
-                         seed: int) -> None:
-    saved = (data_position.get("global_batch_size"), data_position.get("seed"))
-    if saved != (batch_size, seed):
-        log.warning(
-            "Checkpoint was written with global_batch_size=%s, seed=%s but this run uses "
-            "%s, %s: the data stream after resuming differs from the original run's.",
-            saved[0], saved[1], batch_size, seed)
+def _check_data_position(data_position: Mapping[str, Any], *, batch_size: int, seed: int,
+                         num_data_shards: int) -> None:
+    now = {"global_batch_size": batch_size, "seed": seed, "num_data_shards": num_data_shards}
+    saved = {k: data_position.get(k) for k in now}
+    if saved != now:
+        log.warning("Checkpoint's data settings %s differ from this run's %s: the data "
+                    "stream after resuming differs from the original run's.", saved, now)

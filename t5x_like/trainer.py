@@ -185,7 +185,8 @@ def make_train_step(*, model: Model, optimizer: Optimizer, num_microbatches: int
     """Returns the pure train step `(state, batch) -> (new_state, metrics)`.
 
     Metrics are scalars: the normalised loss, z-loss, token accuracy, the learning
-    rate used, the gradient and parameter global norms, and the token count.
+    rate used, the gradient and parameter global norms, the token count, and
+    `nonfinite` (1.0 when this step's update was dropped for a NaN/Inf).
     """
     def train_step(state: TrainState, batch: Batch):
         dropout_rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
@@ -195,15 +196,26 @@ def make_train_step(*, model: Model, optimizer: Optimizer, num_microbatches: int
         grads = jax.tree.map(lambda g: g / weight_sum, grads)
         updates, opt_state = optimizer.transform.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        loss = sums["loss_sum"] / weight_sum          # loss_sum includes the z-loss
+        grad_norm = optax.tree.norm(grads)
+        # A non-finite loss, gradient or update (e.g. an Inf learning rate) never
+        # reaches the state: it is dropped (the step still counts, so the data
+        # position stays aligned) and the train loop decides whether to halt.
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                  & jnp.isfinite(optax.tree.norm(updates)))
+        keep_if_finite = lambda new, old: jnp.where(finite, new, old)
+        params = jax.tree.map(keep_if_finite, params, state.params)
+        opt_state = jax.tree.map(keep_if_finite, opt_state, state.opt_state)
         metrics = {
-            "loss": (sums["loss_sum"] + sums["z_loss_sum"]) / weight_sum,
-            "cross_entropy": sums["loss_sum"] / weight_sum,
+            "loss": loss,
+            "cross_entropy": (sums["loss_sum"] - sums["z_loss_sum"]) / weight_sum,
             "z_loss": sums["z_loss_sum"] / weight_sum,
             "accuracy": sums["accuracy_sum"] / weight_sum,
             "target_tokens": sums["weight_sum"],
             "learning_rate": optimizer.learning_rate(state.step),
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "param_norm": optax.tree.norm(params),
+            "nonfinite": 1.0 - finite.astype(jnp.float32),
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

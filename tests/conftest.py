@@ -8,3 +8,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def straight_run(tmp_path_factory):
+    """6 steps of tests/configs/tiny_run.gin in one go: what every interrupted and
+    resumed run must reproduce exactly."""
+    from launch_helpers import run_train
+    model_dir = str(tmp_path_factory.mktemp("straight"))
+    run_train(model_dir, "--gin.TRAIN_STEPS=6")
+    return model_dir
