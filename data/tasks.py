@@ -1,11 +1,21 @@
 """seqio tasks over the bundled pydocs corpus. Importing this module registers them.
 
-  pydocs_span_corruption   T5 span corruption; splits 'train' and 'validation';
-                           features 'inputs'/'targets' over the 8k pydocs
-                           SentencePiece vocabulary + 100 sentinel ids (8100 ids).
+All use the 8k pydocs SentencePiece vocabulary + 100 sentinel ids (8100 ids) and
+splits 'train' and 'validation':
 
-Paths are derived from this file, so the tasks work from any working directory.
-Re-importing (or importlib.reload) replaces the registrations instead of failing.
+  pydocs_span_corruption  T5 span corruption; 'inputs'/'targets'; feature converter
+                          'enc_dec'.
+  pydocs_lm               causal LM; 'targets'; feature converter 'lm'.
+  pydocs_prefix_lm        prefix LM; 'inputs' (prefix) / 'targets' (suffix); feature
+                          converter 'prefix_lm' (decoder-only) or 'enc_dec'.
+  pydocs_mixture          3:1 span corruption : prefix LM. Both emit inputs/targets
+                          over the same vocabulary, so the mixture works with the
+                          'enc_dec' converter (T5's two pretraining objectives) and
+                          with 'prefix_lm' (UL2-style, for a decoder-only model).
+
+The tasks are built with `data.user_tasks`, the same calls users make for their own
+data. Paths are derived from this file, so they work from any working directory;
+re-importing (or importlib.reload) replaces the registrations instead of failing.
 """
 
 from __future__ import annotations
@@ -14,7 +24,8 @@ import pathlib
 
 import seqio
 
-from t5x_like import preprocessors
+from data import user_tasks
+from t5x_like import vocabularies
 
 DATA_DIR = pathlib.Path(__file__).resolve().parent
 VOCAB_PATH = DATA_DIR / "vocab" / "pydocs_8k.model"
@@ -23,9 +34,7 @@ SPLIT_FILES = {
     "validation": DATA_DIR / "corpus" / "pydocs_validation.txt",
 }
 EXTRA_IDS = 100  # sentinels for span corruption, at the top of the id range
-# Chunks are shuffled after corruption; ~1000 examples mixes across many documents
-# while keeping memory small.
-SHUFFLE_BUFFER_SIZE = 1000
+MIXTURE_RATES = {"pydocs_span_corruption": 3.0, "pydocs_prefix_lm": 1.0}
 
 
 def _check_files() -> None:
@@ -38,39 +47,21 @@ def _check_files() -> None:
 
 def pydocs_vocabulary() -> seqio.SentencePieceVocabulary:
     """The bundled 8000-piece vocabulary plus EXTRA_IDS sentinels (8100 ids)."""
-    return seqio.SentencePieceVocabulary(str(VOCAB_PATH), extra_ids=EXTRA_IDS)
-
-
-def _add_task(name: str, **kwargs) -> None:
-    if name in seqio.TaskRegistry.names():
-        seqio.TaskRegistry.remove(name)
-    seqio.TaskRegistry.add(name, **kwargs)
+    return vocabularies.sentencepiece(path=str(VOCAB_PATH), extra_ids=EXTRA_IDS)
 
 
 def register() -> None:
-    """(Re-)registers every task of this module."""
+    """(Re-)registers every task and the mixture of this module."""
     _check_files()
     vocab = pydocs_vocabulary()
-    features = {
-        "inputs": seqio.Feature(vocabulary=vocab, add_eos=True),
-        "targets": seqio.Feature(vocabulary=vocab, add_eos=True),
-    }
-    _add_task(
-        "pydocs_span_corruption",
-        source=seqio.TextLineDataSource(
-            {split: str(path) for split, path in SPLIT_FILES.items()}),
-        preprocessors=[
-            preprocessors.lines_to_examples,
-            preprocessors.drop_empty_text,
-            preprocessors.tokenize,  # 'text' -> 'targets' token ids
-            seqio.CacheDatasetPlaceholder(),
-            # Runs after seqio's repeat: new masks and chunk boundaries every epoch.
-            preprocessors.span_corruption,
-        ],
-        output_features=features,
-        metric_fns=[],
-        shuffle_buffer_size=SHUFFLE_BUFFER_SIZE,
-    )
+    patterns = {split: str(path) for split, path in SPLIT_FILES.items()}
+    for name, objective in (("pydocs_span_corruption", "span_corruption"),
+                            ("pydocs_lm", "lm"),
+                            ("pydocs_prefix_lm", "prefix_lm")):
+        # 2 MB of text: caching its tokens doubles throughput (benchmarks/RESULTS.md).
+        user_tasks.register_text_task(name=name, patterns=patterns, objective=objective,
+                                      vocabulary=vocab, cache_tokenized_in_memory=True)
+    user_tasks.register_mixture(name="pydocs_mixture", rates=MIXTURE_RATES)
 
 
 register()

@@ -1,4 +1,16 @@
-"""seqio preprocessors for pretraining objectives: T5 span corruption and helpers.
+"""seqio preprocessors for pretraining objectives: span corruption, causal LM, prefix LM.
+
+Every objective accepts raw text (scalar lines or a 'text' feature) or token ids
+already in 'targets' (e.g. after `tokenize` and a `seqio.CacheDatasetPlaceholder`),
+concatenates documents into one stream and cuts it into chunks sized so the result
+fits `sequence_length` exactly: no token is wasted on padding or cut by trimming.
+
+  span_corruption  inputs/targets: T5's objective (below).
+  causal_lm        targets: documents + EOS each, concatenated, cut into chunks of
+                   sequence_length['targets'] (EOS marks document ends inside a chunk).
+  prefix_lm        inputs/targets: chunks of min(inputs, targets) - 2 tokens split at a
+                   uniformly random point (both sides non-empty) + EOS each; the
+                   prefix-LM feature converter puts loss on the suffix only.
 
 Span corruption (Raffel et al., 2020) in one picture, for tokens t0..t9 where t3 t4
 and t8 are chosen as noise and the sentinels are S1 = vocab_size-1, S2 = vocab_size-2:
@@ -36,6 +48,11 @@ DEFAULT_MEAN_NOISE_SPAN_LENGTH = 3.0
 # Below this many encoder tokens the objective degenerates (one or two spans per
 # example, mostly sentinels and EOS); refuse rather than train on it silently.
 MIN_INPUTS_LENGTH = 8
+# Causal LM: a chunk needs at least two tokens to predict one from another.
+MIN_LM_LENGTH = 2
+# Prefix LM: min(inputs, targets) - 2 tokens per chunk must leave a non-empty prefix
+# and suffix.
+MIN_PREFIX_LM_LENGTH = 4
 
 
 # ---------------------------------------------------------------------------
@@ -198,6 +215,43 @@ def append_eos(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Fea
     return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def trim_and_append_eos(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
+                        output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
+    """Cuts each feature to its sequence length, keeping room for a final EOS.
+
+    For fine-tuning-style tasks (one example per document): a too-long document is
+    truncated, and still ends in EOS when the feature's add_eos is set, so the model
+    never learns that sequences stop without one.
+    """
+    def fn(ex):
+        ex = dict(ex)
+        for name, feature in output_features.items():
+            if name not in ex or name not in (sequence_length or {}):
+                continue
+            keep = sequence_length[name] - (1 if feature.add_eos else 0)
+            ex[name] = ex[name][:keep]
+            if feature.add_eos:
+                eos = tf.constant([feature.vocabulary.eos_id], ex[name].dtype)
+                ex[name] = tf.concat([ex[name], eos], axis=0)
+        return ex
+    return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _ensure_tokens(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature],
+                   *, objective: str) -> tf.data.Dataset:
+    """Text lines, a 'text' feature or token ids in 'targets' -> {'targets': ids}."""
+    if isinstance(dataset.element_spec, tf.TensorSpec):
+        dataset = lines_to_examples(dataset, key="text")
+    spec = dataset.element_spec
+    if "text" in spec and spec["text"].dtype == tf.string:
+        dataset = drop_empty_text(dataset, key="text")
+        return tokenize(dataset, output_features, text_key="text", output_key="targets")
+    if "targets" not in spec:
+        raise ValueError(f"{objective} needs a 'text' string feature or pre-tokenized "
+                         f"'targets'; got features {sorted(spec)}")
+    return dataset
+
+
 # ---------------------------------------------------------------------------
 # Noise masks and sentinels.
 # ---------------------------------------------------------------------------
@@ -303,16 +357,7 @@ def span_corruption(dataset: tf.data.Dataset, sequence_length: Mapping[str, int]
             f"corruption with inputs length {sequence_length['inputs']}: it needs "
             f"{targets_length} (noise tokens + sentinels + EOS); targets would be cut.")
 
-    if isinstance(dataset.element_spec, tf.TensorSpec):
-        dataset = lines_to_examples(dataset, key="text")
-    spec = dataset.element_spec
-    if "text" in spec and spec["text"].dtype == tf.string:
-        dataset = drop_empty_text(dataset, key="text")
-        dataset = tokenize(dataset, output_features, text_key="text", output_key="targets")
-    elif "targets" not in spec:
-        raise ValueError("span_corruption needs a 'text' string feature or "
-                         f"pre-tokenized 'targets'; got features {sorted(spec)}")
-
+    dataset = _ensure_tokens(dataset, output_features, objective="span_corruption")
     dataset = concatenate_and_split(dataset, length=tokens_length, key="targets")
     # A finite stream can end in a 1-token chunk, which has no room for noise.
     dataset = dataset.filter(lambda ex: tf.size(ex["targets"]) >= 2)
@@ -321,3 +366,70 @@ def span_corruption(dataset: tf.data.Dataset, sequence_length: Mapping[str, int]
         noise_density=noise_density, mean_noise_span_length=mean_noise_span_length,
         key="targets")
     return append_eos(dataset, output_features)
+
+
+def causal_lm(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
+              output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
+    """Causal LM (GPT-style), usable directly as a seqio Task preprocessor.
+
+    Every document gets an EOS (when 'targets' has add_eos), documents are
+    concatenated and cut into chunks of exactly sequence_length['targets'] tokens
+    (only the last chunk of a finite stream is shorter). Attention is not reset at
+    EOS inside a chunk: the EOS is how the model learns where a document ended.
+    Emits int32 'targets' only; pair it with the 'lm' feature converter.
+    """
+    length = (sequence_length or {}).get("targets")
+    if length is None:
+        raise ValueError(f"causal_lm needs sequence_length['targets'] (got {sequence_length!r})")
+    if length < MIN_LM_LENGTH:
+        raise ValueError(f"targets length {length} is too short for causal LM; use at "
+                         f"least {MIN_LM_LENGTH} tokens.")
+    dataset = _ensure_tokens(dataset, output_features, objective="causal_lm")
+    dataset = dataset.map(lambda ex: {"targets": ex["targets"]})
+    dataset = append_eos(dataset, {"targets": output_features["targets"]})
+    return concatenate_and_split(dataset, length=length, key="targets")
+
+
+def prefix_lm_tokens_length(*, inputs_length: int, targets_length: int) -> int:
+    """Raw tokens per prefix-LM chunk: min(inputs, targets) - 2.
+
+    With a split point s in [1, n-1], the prefix (s + EOS) and suffix (n - s + EOS)
+    always fit their lengths, and for inputs == targets == L two maximal examples
+    (n + 2 tokens each) exactly fill one packed decoder row of 2L.
+    """
+    n = min(inputs_length, targets_length) - 2
+    if min(inputs_length, targets_length) < MIN_PREFIX_LM_LENGTH:
+        raise ValueError(
+            f"feature lengths inputs={inputs_length}, targets={targets_length} are too "
+            f"short for prefix LM; both must be at least {MIN_PREFIX_LM_LENGTH}.")
+    return n
+
+
+def prefix_lm(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
+              output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
+    """Prefix LM, usable directly as a seqio Task preprocessor.
+
+    The token stream is cut into chunks of `prefix_lm_tokens_length` tokens; each
+    chunk is split at a uniformly random point s in [1, n-1] (seeded per example, as
+    span corruption is) into 'inputs' = chunk[:s] and 'targets' = chunk[s:], each
+    followed by EOS when its feature's add_eos is set. With the 'prefix_lm' feature
+    converter the prefix is attended bidirectionally and only the suffix carries
+    loss; with 'enc_dec' the prefix is the encoder input (T5's prefix-LM objective).
+    """
+    if not sequence_length or "inputs" not in sequence_length \
+            or "targets" not in sequence_length:
+        raise ValueError("prefix_lm needs sequence_length['inputs'] and ['targets'] "
+                         f"(got {sequence_length!r})")
+    n = prefix_lm_tokens_length(inputs_length=sequence_length["inputs"],
+                                targets_length=sequence_length["targets"])
+    dataset = _ensure_tokens(dataset, output_features, objective="prefix_lm")
+    dataset = concatenate_and_split(dataset, length=n, key="targets")
+    dataset = dataset.filter(lambda ex: tf.size(ex["targets"]) >= 2)
+
+    @seqio.map_over_dataset(num_seeds=1)
+    def split(ex, seed):
+        tokens = ex["targets"]
+        at = tf.random.stateless_uniform([], seed=tf.convert_to_tensor(seed), minval=1,
+                                         maxval=tf.size(tokens), dtype=tf.int32)
+        return {"inputs": tokens[:at], "targets": tokens[at:]}
+    return append_eos(split(dataset), output_features)

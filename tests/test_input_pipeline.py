@@ -136,7 +136,7 @@ def test_shards_and_seeds_change_batches():
 
 
 def test_clear_errors():
-    with pytest.raises(ValueError, match=r"did you mean \['pydocs_span_corruption'\]"):
+    with pytest.raises(ValueError, match=r"did you mean \['pydocs_span_corruption'"):
         SeqioDataSource(mixture_or_task_name="pydocs_span_corupt",
                         task_feature_lengths=LENGTHS)
     short = SeqioDataSource(mixture_or_task_name=TASK,
