@@ -44,9 +44,15 @@ class TrainState:
 # --------------------------------------------------------------------------- init
 
 def init_shape_kwargs(feature_lengths: Mapping[str, int]) -> dict[str, int]:
-    """The lengths `Model.init_params` needs, from the data's feature lengths."""
-    return {"encoder_length": feature_lengths["encoder_input_tokens"],
-            "decoder_length": feature_lengths["decoder_target_tokens"]}
+    """The lengths `Model.init_params` needs, from the data's feature lengths.
+
+    Encoder-decoder models get `encoder_length` and `decoder_length`;
+    decoder-only (LM and prefix-LM) models get `decoder_length` alone.
+    """
+    if "encoder_input_tokens" in feature_lengths:
+        return {"encoder_length": feature_lengths["encoder_input_tokens"],
+                "decoder_length": feature_lengths["decoder_target_tokens"]}
+    return {"decoder_length": feature_lengths["decoder_target_tokens"]}
 
 
 def _optimizer_state_logical_specs(opt_state: Any, params: Any,
