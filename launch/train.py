@@ -24,6 +24,11 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--coordinator_address", help="host:port of process 0 (multi-host).")
     p.add_argument("--num_processes", type=int, help="Total JAX processes (multi-host).")
     p.add_argument("--process_id", type=int, help="This process's index (multi-host).")
+    p.add_argument("--heartbeat_timeout_seconds", type=int, default=100,
+                   help="A process silent this long is declared dead; the others exit.")
+    p.add_argument("--distributed", choices=["auto", "off"], default="off",
+                   help="auto: jax.distributed.initialize() detects the cluster (Cloud "
+                   "TPU VM, SLURM, Open MPI); explicit coordinator flags win.")
     p.add_argument("--num_cpu_devices", type=int,
                    help="Simulate this many CPU devices (testing sharding on a laptop).")
     args = p.parse_args(argv)
@@ -43,7 +48,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_processes and args.num_processes > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator_address, args.num_processes,
-                                   args.process_id)
+                                   args.process_id,
+                                   heartbeat_timeout_seconds=args.heartbeat_timeout_seconds)
+    elif args.distributed == "auto":
+        jax.distributed.initialize(heartbeat_timeout_seconds=args.heartbeat_timeout_seconds)
 
     from t5x_like import gin_config
     from t5x_like import train as train_lib
