@@ -7,6 +7,11 @@ line of model code changing.
 
 The mesh always has the three axes `data`, `fsdp` and `model` (size 1 when unused),
 so every preset works on every mesh and a rule never names a missing axis.
+
+Multi-slice (several TPU slices joined by the data-center network, DCN): with
+`num_slices > 1` the `data` axis spans the slices, outermost, so only the data
+parallel gradient reduction crosses DCN while FSDP and tensor parallelism stay on
+each slice's fast interconnect (ICI). The other axis sizes are per slice.
 """
 
 from __future__ import annotations
@@ -32,10 +37,11 @@ LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 _BATCH: LogicalRules = (("batch", ("data", "fsdp")),)
 _REPLICATED_REST: LogicalRules = (
     ("vocab", None), ("embed", None), ("mlp", None), ("heads", None), ("kv", None),
-    ("length", None), ("relpos_buckets", None), ("layers", None),
+    ("length", None), ("relpos_buckets", None), ("layers", None), ("kv_heads", None),
 )
 _FSDP: LogicalRules = (("embed", "fsdp"),)
-_TENSOR: LogicalRules = (("mlp", "model"), ("heads", "model"), ("vocab", "model"))
+_TENSOR: LogicalRules = (("mlp", "model"), ("heads", "model"), ("kv_heads", "model"),
+                         ("vocab", "model"))
 
 RULE_PRESETS: Mapping[str, LogicalRules] = {
     # Every device holds all parameters; the batch is split over all devices.
@@ -97,10 +103,21 @@ def resolve_mesh_shape(*, num_devices: int, data: int, fsdp: int, model: int
 
 
 def make_mesh(*, data: int = -1, fsdp: int = 1, model: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds a ('data', 'fsdp', 'model') mesh in topology-aware device order."""
+              devices: Sequence[jax.Device] | None = None, num_slices: int = 1) -> Mesh:
+    """Builds a ('data', 'fsdp', 'model') mesh in topology-aware device order.
+
+    With `num_slices > 1`, `data`, `fsdp` and `model` describe one slice and the
+    mesh's `data` axis is `num_slices * data` long, slices outermost (see top).
+    """
     devices = list(jax.devices() if devices is None else devices)
-    shape = resolve_mesh_shape(num_devices=len(devices), data=data, fsdp=fsdp, model=model)
+    if num_slices < 1 or len(devices) % num_slices:
+        raise ValueError(f"{len(devices)} devices cannot be split into "
+                         f"num_slices={num_slices} equal slices.")
+    shape = resolve_mesh_shape(num_devices=len(devices) // num_slices, data=data,
+                               fsdp=fsdp, model=model)
+    if num_slices > 1:
+        device_array = _hybrid_device_array(shape, devices, num_slices)
+        return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     try:
         device_array = mesh_utils.create_device_mesh(shape, devices=devices)
     except (ValueError, NotImplementedError, AssertionError):
@@ -110,24 +127,56 @@ def make_mesh(*, data: int = -1, fsdp: int = 1, model: int = 1,
     return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def _hybrid_device_array(ici_shape: tuple[int, int, int], devices: list[jax.Device],
+                         num_slices: int) -> np.ndarray:
+    """[num_slices * data, fsdp, model] devices: each slice's ICI mesh, stacked on data.
+
+    Slices are told apart by `slice_index` (TPU multi-slice, also the AOT topology
+    devices), else by process (one GPU node per "slice"), else by position (fake
+    CPU devices in tests: consecutive groups).
+    """
+    for attr, by_process in (("slice_index", False), ("process_index", True)):
+        keys = [getattr(d, attr, None) for d in devices]
+        if None in keys or len(set(keys)) != num_slices:
+            continue
+        try:
+            return mesh_utils.create_hybrid_device_mesh(
+                ici_shape, (num_slices, 1, 1), devices, process_is_granule=by_process)
+        except (ValueError, NotImplementedError, AssertionError):
+            groups = [[d for d, k in zip(devices, keys) if k == key]
+                      for key in sorted(set(keys))]
+            break
+    else:
+        per_slice = len(devices) // num_slices
+        groups = [devices[i * per_slice:(i + 1) * per_slice] for i in range(num_slices)]
+    if any(len(g) * num_slices != len(devices) for g in groups):
+        raise ValueError(f"Slices of unequal size: {[len(g) for g in groups]} devices.")
+    return np.concatenate([np.asarray(g).reshape(ici_shape) for g in groups], axis=0)
+
+
 class Partitioner:
     """A mesh plus logical-axis rules: everything needed to place arrays.
 
     Built from gin (see configs/partitioning/*.gin). -1 on one axis means "the
     remaining devices", so the same config runs on 1, 8 or 256 devices.
+    `num_slices` > 1 splits the devices into that many slices joined over DCN;
+    the parallelism sizes are then per slice and `data` also spans the slices.
     """
 
     def __init__(self, *, data_parallelism: int = -1, fsdp_parallelism: int = 1,
                  tensor_parallelism: int = 1,
                  rules: str | Sequence[Sequence[Any]] = "data_parallel",
-                 devices: Sequence[jax.Device] | None = None):
+                 devices: Sequence[jax.Device] | None = None, num_slices: int = 1):
         self.rules = resolve_rules(rules)
+        self.num_slices = num_slices
         self.mesh = make_mesh(data=data_parallelism, fsdp=fsdp_parallelism,
-                              model=tensor_parallelism, devices=devices)
+                              model=tensor_parallelism, devices=devices,
+                              num_slices=num_slices)
 
     def __repr__(self) -> str:
         shape = ", ".join(f"{k}={v}" for k, v in self.mesh.shape.items())
-        return f"Partitioner(mesh=({shape}))"
+        slices = f", slices={self.num_slices}" if self.num_slices > 1 else ""
+        return f"Partitioner(mesh=({shape}){slices})"
 
     @property
     def data_shards(self) -> int:

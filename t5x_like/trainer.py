@@ -228,17 +228,33 @@ def make_train_step(*, model: Model, optimizer: Optimizer, num_microbatches: int
     return train_step
 
 
-def jit_train_step(train_step: Callable, *, partitioner: Partitioner, layout: StateLayout,
-                   batch_feature_names: tuple[str, ...]) -> Callable:
-    """Compiles the step with explicit in/out shardings and the state donated."""
-    batch_shardings = {name: partitioner.batch_sharding() for name in batch_feature_names}
-    replicated = NamedSharding(partitioner.mesh, PartitionSpec())
-    jitted = jax.jit(train_step,
-                     in_shardings=(layout.shardings, batch_shardings),
-                     out_shardings=(layout.shardings, replicated),
-                     donate_argnums=(0,))
+class JittedStep:
+    """The train step compiled with explicit in/out shardings and the state donated.
 
-    def step(state: TrainState, batch: Batch):
-        with partitioner.context():
-            return jitted(state, batch)
-    return step
+    Call it to train; `lower` it with abstract arguments to compile ahead of time
+    (launch/compile.py's fit check), so the fit check compiles exactly this step.
+    """
+
+    def __init__(self, train_step: Callable, *, partitioner: Partitioner,
+                 layout: StateLayout, batch_feature_names: tuple[str, ...]):
+        batch_shardings = {name: partitioner.batch_sharding() for name in batch_feature_names}
+        replicated = NamedSharding(partitioner.mesh, PartitionSpec())
+        self._partitioner = partitioner
+        self._jitted = jax.jit(train_step,
+                               in_shardings=(layout.shardings, batch_shardings),
+                               out_shardings=(layout.shardings, replicated),
+                               donate_argnums=(0,))
+
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        with self._partitioner.context():
+            return self._jitted(state, batch)
+
+    def lower(self, state: Any, batch: Any):
+        with self._partitioner.context():
+            return self._jitted.lower(state, batch)
+
+
+def jit_train_step(train_step: Callable, *, partitioner: Partitioner, layout: StateLayout,
+                   batch_feature_names: tuple[str, ...]) -> JittedStep:
+    return JittedStep(train_step, partitioner=partitioner, layout=layout,
+                      batch_feature_names=batch_feature_names)
