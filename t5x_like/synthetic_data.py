@@ -45,3 +45,48 @@ class SyntheticEncDecSource:
         while True:
             yield self.batch(step=step, shard_index=shard_index, batch_size=per_host_batch_size)
             step += 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SyntheticDecoderSource:
+    """Decoder-only (causal LM) batches, packed as `pack_segments` sequences per row.
+
+    Same contract as SyntheticEncDecSource; features follow seqio's LM converter
+    (decoder_input_tokens = targets shifted right within each packed sequence).
+    """
+    decoder_length: int
+    vocab_size: int
+    pack_segments: int = 1
+    seed: int = 0
+
+    def model_feature_lengths(self) -> dict[str, int]:
+        names = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
+        if self.pack_segments > 1:
+            names += ("decoder_segment_ids", "decoder_positions")
+        return {name: self.decoder_length for name in names}
+
+    def batch(self, *, step: int, shard_index: int, batch_size: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng((self.seed, shard_index, step, 1))
+        length = self.decoder_length
+        targets = rng.integers(3, self.vocab_size, (batch_size, length), np.int32)
+        bounds = np.linspace(0, length, self.pack_segments + 1).astype(int)
+        segments = np.zeros((batch_size, length), np.int32)
+        positions = np.zeros((batch_size, length), np.int32)
+        for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            segments[:, lo:hi] = s + 1
+            positions[:, lo:hi] = np.arange(hi - lo)
+            targets[:, hi - 1] = 1                            # EOS ends each sequence
+        inputs = np.where(positions == 0, 0, np.roll(targets, 1, axis=1)).astype(np.int32)
+        batch = {"decoder_input_tokens": inputs, "decoder_target_tokens": targets,
+                 "decoder_loss_weights": np.ones_like(targets)}
+        if self.pack_segments > 1:
+            batch["decoder_segment_ids"], batch["decoder_positions"] = segments, positions
+        return batch
+
+    def iterator(self, *, per_host_batch_size: int, shard_index: int, num_shards: int,
+                 start_step: int) -> Iterator[dict[str, np.ndarray]]:
+        del num_shards
+        step = start_step
+        while True:
+            yield self.batch(step=step, shard_index=shard_index, batch_size=per_host_batch_size)
+            step += 1

@@ -26,12 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5x_like.models import attention
+
 Array = jax.Array
 Initializer = Callable[[jax.Array, Sequence[int], Any], jax.Array]
 
-# Added to masked-out attention logits. Large enough to zero them after softmax,
-# small enough that a fully masked row (a padding query) stays finite.
-_MASK_BIAS = -1e10
 # Standard deviation of a unit normal truncated to [-2, 2].
 _TRUNCATED_STD = 0.87962566103423978
 
@@ -166,13 +165,21 @@ class DenseGeneral(nn.Module):
     )
 
 
+# T5 feed-forward variants: 'gated-gelu' (T5.1.1) and 'relu' (the original T5).
+MLP_ACTIVATIONS = ('gated-gelu', 'relu')
+
+
 class MlpBlock(nn.Module):
-  """T5.1.1 gated-GELU feed-forward: wo(gelu_tanh(wi_0 x) * wi_1 x)."""
+  """T5.1.1 gated-GELU feed-forward: wo(gelu_tanh(wi_0 x) * wi_1 x).
+
+  activation='relu' gives the original T5's ungated wo(relu(wi x)).
+  """
 
   emb_dim: int
   mlp_dim: int
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  activation: str = 'gated-gelu'
 
   @nn.compact
   def __call__(self, x_BxLxD: Array, *, enable_dropout: bool) -> Array:
@@ -184,9 +191,14 @@ class MlpBlock(nn.Module):
         kernel_init=wi_init,
         dtype=self.dtype,
     )
-    gate_BxLxM = nn.gelu(dense(name='wi_0')(x_BxLxD), approximate=True)
-    linear_BxLxM = dense(name='wi_1')(x_BxLxD)
-    h_BxLxM = nn.with_logical_constraint(gate_BxLxM * linear_BxLxM, BLM)
+    if self.activation == 'relu':
+      h_BxLxM = nn.relu(dense(name='wi')(x_BxLxD))
+    elif self.activation == 'gated-gelu':
+      gate_BxLxM = nn.gelu(dense(name='wi_0')(x_BxLxD), approximate=True)
+      h_BxLxM = gate_BxLxM * dense(name='wi_1')(x_BxLxD)
+    else:
+      raise ValueError(f'MLP activation {self.activation!r}; choose one of {MLP_ACTIVATIONS}.')
+    h_BxLxM = nn.with_logical_constraint(h_BxLxM, BLM)
     h_BxLxM = nn.Dropout(self.dropout_rate)(h_BxLxM, deterministic=not enable_dropout)
     out_BxLxD = DenseGeneral(
         features=self.emb_dim,
@@ -209,6 +221,7 @@ class MultiHeadDotProductAttention(nn.Module):
   head_dim: int
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  attention_impl: str = 'xla'  # see models/attention.py
 
   @nn.compact
   def __call__(
@@ -237,18 +250,20 @@ class MultiHeadDotProductAttention(nn.Module):
     k_BxKxHxK = nn.with_logical_constraint(k_BxKxHxK, BLHK)
     v_BxKxHxK = nn.with_logical_constraint(v_BxKxHxK, BLHK)
 
-    logits_BxHxQxK = jnp.einsum(
-        'bqhd,bkhd->bhqk', q_BxQxHxK, k_BxKxHxK, preferred_element_type=jnp.float32
+    dropout_fn = None
+    if enable_dropout and self.dropout_rate > 0:
+      dropout_fn = functools.partial(nn.Dropout(self.dropout_rate), deterministic=False)
+    # T5 scales nothing: the 1/sqrt(head_dim) lives in the query init instead.
+    ctx_BxQxHxK = attention.attend(
+        q_BxQxHxK, k_BxKxHxK, v_BxKxHxK,
+        implementation=self.attention_impl,
+        scale=1.0,
+        causal=False,
+        mask_Bx1xQxK=mask_Bx1xQxK,
+        bias_1xHxQxK=bias_1xHxQxK,
+        dropout_fn=dropout_fn,
+        dtype=self.dtype,
     )
-    if bias_1xHxQxK is not None:
-      logits_BxHxQxK = logits_BxHxQxK + bias_1xHxQxK.astype(jnp.float32)
-    if mask_Bx1xQxK is not None:
-      logits_BxHxQxK = logits_BxHxQxK + jnp.where(mask_Bx1xQxK, 0.0, _MASK_BIAS).astype(jnp.float32)
-    weights_BxHxQxK = jax.nn.softmax(logits_BxHxQxK, axis=-1)
-    weights_BxHxQxK = nn.Dropout(self.dropout_rate)(
-        weights_BxHxQxK, deterministic=not enable_dropout
-    )
-    ctx_BxQxHxK = jnp.einsum('bhqk,bkhd->bqhd', weights_BxHxQxK.astype(self.dtype), v_BxKxHxK)
     ctx_BxQxHxK = nn.with_logical_constraint(ctx_BxQxHxK, BLHK)
     out_BxQxD = DenseGeneral(
         features=emb_dim,
@@ -391,6 +406,8 @@ class EncoderLayer(nn.Module):
   mlp_dim: int
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  mlp_activation: str = 'gated-gelu'
+  attention_impl: str = 'xla'
 
   @nn.compact
   def __call__(
@@ -403,6 +420,7 @@ class EncoderLayer(nn.Module):
         head_dim=self.head_dim,
         dropout_rate=self.dropout_rate,
         dtype=self.dtype,
+        attention_impl=self.attention_impl,
         name='attention',
     )(h, h, mask_Bx1xQxK=mask_Bx1xLxL, bias_1xHxQxK=bias_1xHxLxL, enable_dropout=enable_dropout)
     x_BxLxD = x_BxLxD + drop(h, deterministic=not enable_dropout)
@@ -412,6 +430,7 @@ class EncoderLayer(nn.Module):
         mlp_dim=self.mlp_dim,
         dropout_rate=self.dropout_rate,
         dtype=self.dtype,
+        activation=self.mlp_activation,
         name='mlp',
     )(h, enable_dropout=enable_dropout)
     x_BxLxD = x_BxLxD + drop(h, deterministic=not enable_dropout)
@@ -426,6 +445,8 @@ class DecoderLayer(nn.Module):
   mlp_dim: int
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  mlp_activation: str = 'gated-gelu'
+  attention_impl: str = 'xla'
 
   @nn.compact
   def __call__(
@@ -445,6 +466,7 @@ class DecoderLayer(nn.Module):
         head_dim=self.head_dim,
         dropout_rate=self.dropout_rate,
         dtype=self.dtype,
+        attention_impl=self.attention_impl,
     )
     h = RMSNorm(dtype=self.dtype, name='pre_self_attention_layer_norm')(y_BxLxD)
     h = attention(name='self_attention')(
@@ -462,6 +484,7 @@ class DecoderLayer(nn.Module):
         mlp_dim=self.mlp_dim,
         dropout_rate=self.dropout_rate,
         dtype=self.dtype,
+        activation=self.mlp_activation,
         name='mlp',
     )(h, enable_dropout=enable_dropout)
     y_BxLxD = y_BxLxD + drop(h, deterministic=not enable_dropout)

@@ -46,6 +46,8 @@ class T5Config:
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
   logits_via_embedding: bool = False  # T5.1.1 unties the output layer.
+  mlp_activation: str = 'gated-gelu'  # 'relu' for the original (v1.0) T5.
+  attention_impl: str = 'xla'  # see models/attention.py
 
   @property
   def compute_dtype(self) -> Any:
@@ -91,6 +93,8 @@ class Encoder(nn.Module):
           mlp_dim=cfg.mlp_dim,
           dropout_rate=cfg.dropout_rate,
           dtype=dtype,
+          mlp_activation=cfg.mlp_activation,
+          attention_impl=cfg.attention_impl,
           name=f'layers_{i}',
       )(x_BxLxD, bias_1xHxLxL=bias_1xHxLxL, mask_Bx1xLxL=mask_Bx1xLxL, enable_dropout=enable_dropout)
     x_BxLxD = layers.RMSNorm(dtype=dtype, name='encoder_norm')(x_BxLxD)
@@ -147,6 +151,8 @@ class Decoder(nn.Module):
           mlp_dim=cfg.mlp_dim,
           dropout_rate=cfg.dropout_rate,
           dtype=dtype,
+          mlp_activation=cfg.mlp_activation,
+          attention_impl=cfg.attention_impl,
           name=f'layers_{i}',
       )(
           y_BxLxD,
@@ -256,6 +262,8 @@ class EncoderDecoderModel:
   config: T5Config
   z_loss: float = 1e-4
   label_smoothing: float = 0.0
+  # 'tokens' | 'total_tokens' | 'sequences'; see losses.normalized_weights.
+  loss_normalization: str = 'tokens'
 
   @property
   def module(self) -> Transformer:
@@ -293,23 +301,12 @@ class EncoderDecoderModel:
         enable_dropout=dropout_rng is not None,
         rngs=rngs,
     )
-    targets_BxL = batch['decoder_target_tokens']
-    weights_BxL = batch['decoder_loss_weights'].astype(jnp.float32)
-    loss_BxL, z_BxL = losses.cross_entropy_with_z_loss(
+    return losses.loss_and_metric_sums(
         logits_BxLxV,
-        targets_BxL,
-        weights_BxL,
+        batch['decoder_target_tokens'],
+        batch['decoder_loss_weights'],
+        segment_ids_BxL=batch.get('decoder_segment_ids'),
         z_loss=self.z_loss,
         label_smoothing=self.label_smoothing,
+        normalization=self.loss_normalization,
     )
-    loss_sum = jnp.sum(loss_BxL)
-    weight_sum = jnp.sum(weights_BxL)
-    correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32)
-    metrics = {
-        'loss_sum': loss_sum,
-        'z_loss_sum': jnp.sum(z_BxL),
-        'accuracy_sum': jnp.sum(correct_BxL * weights_BxL),
-        'weight_sum': weight_sum,
-    }
-    loss = loss_sum / jnp.maximum(weight_sum, 1e-8)
-    return loss, metrics
