@@ -8,11 +8,10 @@ import time
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_RUN = "--gin_file=tests/configs/tiny_run.gin"
 
 
-def train_command(model_dir, *extra):
-    return [sys.executable, "-m", "launch.train", TINY_RUN,
+def train_command(model_dir, *extra, gin_file="tests/configs/tiny_run.gin"):
+    return [sys.executable, "-m", "launch.train", f"--gin_file={gin_file}",
             f"--gin.MODEL_DIR='{model_dir}'", *extra]
 
 
@@ -21,8 +20,9 @@ def train_env():
             "PYTHONUNBUFFERED": "1"}
 
 
-def run_train(model_dir, *extra, expect_rc=0):
-    proc = subprocess.run(train_command(model_dir, *extra), cwd=REPO, env=train_env(),
+def run_train(model_dir, *extra, gin_file="tests/configs/tiny_run.gin", expect_rc=0):
+    proc = subprocess.run(train_command(model_dir, *extra, gin_file=gin_file), cwd=REPO,
+                          env=train_env(),
                           capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == expect_rc, log[-4000:]

@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 from launch_helpers import checkpoint_steps, logged_losses, run_train
 
 
@@ -26,3 +28,12 @@ def test_two_steps_then_resume_continues_from_the_checkpoint(tmp_path, straight_
     assert sorted(resumed) == [1, 2, 3, 4]
     assert resumed == {step: straight[step] for step in range(1, 5)}
     assert len(set(resumed.values())) == 4      # the state really changed every step
+
+
+@pytest.mark.parametrize("objective", ["lm", "prefix_lm"])
+def test_decoder_only_objectives_train_through_the_entry_point(tmp_path, objective):
+    log = run_train(str(tmp_path), gin_file=f"tests/configs/tiny_{objective}_run.gin")
+    assert "DecoderOnlyModel" in open(os.path.join(tmp_path, "operative_config.gin")).read()
+    losses = logged_losses(str(tmp_path))
+    assert sorted(losses) == [1, 2] and all(8.0 < v < 10.0 for v in losses.values()), log[-2000:]
+    assert checkpoint_steps(str(tmp_path)) == [1, 2]
