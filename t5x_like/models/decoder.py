@@ -16,7 +16,7 @@ bidirectionally; everything else stays causal; nothing crosses segments.
 
 Speed/memory switches (all in `DecoderConfig`, so all reachable from gin):
 `scan_layers` (one compiled layer body, flat compile time in depth),
-`remat_policy` (see `REMAT_POLICIES`), `dtype` (compute; params stay float32,
+`remat_policy` (see `layers.REMAT_POLICIES`), `dtype` (compute; params stay float32,
 softmax and loss float32) and `attention_impl` (see models/attention.py).
 """
 
@@ -41,15 +41,6 @@ Array = jax.Array
 BLHK = ('batch', 'length', 'heads', 'kv')
 BLGK = ('batch', 'length', 'kv_heads', 'kv')
 
-# What the backward pass may keep instead of recomputing, per layer.
-REMAT_POLICIES = {
-    'none': None,  # no rematerialisation: keep every activation
-    'full': jax.checkpoint_policies.nothing_saveable,  # keep only layer inputs
-    # Keep matmul outputs, recompute the cheap elementwise ops (norms, silu, rope).
-    'save_dots': jax.checkpoint_policies.checkpoint_dots,
-    # Keep only weight matmuls (no batch dims): attention scores are recomputed.
-    'save_dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -83,8 +74,8 @@ class DecoderConfig:
                        f'num_kv_heads={self.num_kv_heads}.')
     if self.head_dim % 2:
       raise ValueError(f'rotary embeddings need an even head_dim, got {self.head_dim}.')
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f'remat_policy {self.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}.')
+    if self.remat_policy not in layers.REMAT_POLICIES:
+      raise ValueError(f'remat_policy {self.remat_policy!r}; choose one of {sorted(layers.REMAT_POLICIES)}.')
     if self.attention_impl not in attention.IMPLEMENTATIONS:
       raise ValueError(f'attention_impl {self.attention_impl!r}; choose one of '
                        f'{attention.IMPLEMENTATIONS}.')
@@ -250,7 +241,7 @@ class Decoder(nn.Module):
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout)
 
     block_cls = DecoderBlock
-    policy = REMAT_POLICIES[cfg.remat_policy]
+    policy = layers.REMAT_POLICIES[cfg.remat_policy]
     if cfg.remat_policy != 'none':
       block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not cfg.scan_layers)
     broadcast = (cos, sin, decoder_segment_ids, decoder_causal_attention)

@@ -398,8 +398,23 @@ def causal_mask(length: int) -> Array:
 # ----------------------------------------------------------------------------
 
 
+# What the backward pass may keep instead of recomputing, per layer.
+REMAT_POLICIES = {
+    'none': None,  # no rematerialisation: keep every activation
+    'full': jax.checkpoint_policies.nothing_saveable,  # keep only layer inputs
+    # Keep matmul outputs, recompute the cheap elementwise ops (norms, activations).
+    'save_dots': jax.checkpoint_policies.checkpoint_dots,
+    # Keep only weight matmuls (no batch dims): attention scores are recomputed.
+    'save_dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 class EncoderLayer(nn.Module):
-  """Pre-norm self-attention + gated MLP block, each with a residual."""
+  """Pre-norm self-attention + gated MLP block, each with a residual.
+
+  `(x, bias, mask) -> (x, None)`: the shape `nn.scan` stacks, so the same layer
+  runs in a Python loop or scanned over depth.
+  """
 
   num_heads: int
   head_dim: int
@@ -408,11 +423,12 @@ class EncoderLayer(nn.Module):
   dtype: Any = jnp.float32
   mlp_activation: str = 'gated-gelu'
   attention_impl: str = 'xla'
+  enable_dropout: bool = False
 
   @nn.compact
-  def __call__(
-      self, x_BxLxD: Array, *, bias_1xHxLxL: Array, mask_Bx1xLxL: Array, enable_dropout: bool
-  ) -> Array:
+  def __call__(self, x_BxLxD: Array, bias_1xHxLxL: Array, mask_Bx1xLxL: Array
+               ) -> tuple[Array, None]:
+    enable_dropout = self.enable_dropout
     drop = nn.Dropout(self.dropout_rate)
     h = RMSNorm(dtype=self.dtype, name='pre_attention_layer_norm')(x_BxLxD)
     h = MultiHeadDotProductAttention(
@@ -434,11 +450,15 @@ class EncoderLayer(nn.Module):
         name='mlp',
     )(h, enable_dropout=enable_dropout)
     x_BxLxD = x_BxLxD + drop(h, deterministic=not enable_dropout)
-    return nn.with_logical_constraint(x_BxLxD, BLE)
+    return nn.with_logical_constraint(x_BxLxD, BLE), None
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm causal self-attention, cross-attention and gated MLP blocks."""
+  """Pre-norm causal self-attention, cross-attention and gated MLP blocks.
+
+  `(y, encoded, bias, self_mask, cross_mask) -> (y, None)`, scannable like
+  EncoderLayer.
+  """
 
   num_heads: int
   head_dim: int
@@ -447,18 +467,12 @@ class DecoderLayer(nn.Module):
   dtype: Any = jnp.float32
   mlp_activation: str = 'gated-gelu'
   attention_impl: str = 'xla'
+  enable_dropout: bool = False
 
   @nn.compact
-  def __call__(
-      self,
-      y_BxLxD: Array,
-      encoded_BxExD: Array,
-      *,
-      bias_1xHxLxL: Array,
-      self_mask_Bx1xLxL: Array,
-      cross_mask_Bx1xLxE: Array,
-      enable_dropout: bool,
-  ) -> Array:
+  def __call__(self, y_BxLxD: Array, encoded_BxExD: Array, bias_1xHxLxL: Array,
+               self_mask_Bx1xLxL: Array, cross_mask_Bx1xLxE: Array) -> tuple[Array, None]:
+    enable_dropout = self.enable_dropout
     drop = nn.Dropout(self.dropout_rate)
     attention = functools.partial(
         MultiHeadDotProductAttention,
@@ -488,4 +502,4 @@ class DecoderLayer(nn.Module):
         name='mlp',
     )(h, enable_dropout=enable_dropout)
     y_BxLxD = y_BxLxD + drop(h, deterministic=not enable_dropout)
-    return nn.with_logical_constraint(y_BxLxD, BLE)
+    return nn.with_logical_constraint(y_BxLxD, BLE), None

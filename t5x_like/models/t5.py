@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from t5x_like.models import decoder
 from t5x_like.models import layers
 from t5x_like.models import losses
 
@@ -48,6 +49,15 @@ class T5Config:
   logits_via_embedding: bool = False  # T5.1.1 unties the output layer.
   mlp_activation: str = 'gated-gelu'  # 'relu' for the original (v1.0) T5.
   attention_impl: str = 'xla'  # see models/attention.py
+  # Speed/memory: scan each stack over depth (compile time flat in depth; params
+  # get a leading 'layers' axis, see scan_params) and rematerialise per layer.
+  scan_layers: bool = False
+  remat_policy: str = 'none'  # see layers.REMAT_POLICIES
+
+  def __post_init__(self):
+    if self.remat_policy not in layers.REMAT_POLICIES:
+      raise ValueError(f'remat_policy {self.remat_policy!r}; choose one of '
+                       f'{sorted(layers.REMAT_POLICIES)}.')
 
   @property
   def compute_dtype(self) -> Any:
@@ -59,6 +69,47 @@ def _segments_or_nonpad(segment_ids_BxL: Array | None, tokens_BxL: Array) -> Arr
   if segment_ids_BxL is not None:
     return segment_ids_BxL
   return (tokens_BxL > 0).astype(jnp.int32)
+
+
+def _run_stack(layer_cls: type[nn.Module], cfg: T5Config, num_layers: int,
+               enable_dropout: bool, x: Array, *broadcast: Array) -> Array:
+  """Applies `num_layers` layers to `x`; `broadcast` inputs are shared by all.
+
+  Unscanned, the layers are `layers_0..N-1`; scanned, one `layers` module whose
+  parameters carry a leading depth axis (logical axis 'layers'). Either way each
+  layer may be rematerialised with `cfg.remat_policy`.
+  """
+  if cfg.remat_policy != 'none':
+    layer_cls = nn.remat(layer_cls, policy=layers.REMAT_POLICIES[cfg.remat_policy],
+                         prevent_cse=not cfg.scan_layers)
+  kwargs = dict(num_heads=cfg.num_heads, head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim,
+                dropout_rate=cfg.dropout_rate, dtype=cfg.compute_dtype,
+                mlp_activation=cfg.mlp_activation, attention_impl=cfg.attention_impl,
+                enable_dropout=enable_dropout)
+  if cfg.scan_layers:
+    stack = nn.scan(layer_cls, variable_axes={'params': 0},
+                    split_rngs={'params': True, 'dropout': True},
+                    in_axes=(nn.broadcast,) * len(broadcast), length=num_layers,
+                    metadata_params={nn.PARTITION_NAME: 'layers'})
+    x, _ = stack(**kwargs, name='layers')(x, *broadcast)
+    return x
+  for i in range(num_layers):
+    x, _ = layer_cls(**kwargs, name=f'layers_{i}')(x, *broadcast)
+  return x
+
+
+def scan_params(params: Mapping[str, Any], cfg: T5Config) -> dict[str, Any]:
+  """Unscanned T5 parameters -> the layout of `scan_layers=True` (both stacks)."""
+  return {**params,
+          'encoder': decoder.scan_params(params['encoder'], cfg.num_encoder_layers),
+          'decoder': decoder.scan_params(params['decoder'], cfg.num_decoder_layers)}
+
+
+def unscan_params(params: Mapping[str, Any], cfg: T5Config) -> dict[str, Any]:
+  """The exact inverse of `scan_params`."""
+  return {**params,
+          'encoder': decoder.unscan_params(params['encoder'], cfg.num_encoder_layers),
+          'decoder': decoder.unscan_params(params['decoder'], cfg.num_decoder_layers)}
 
 
 class Encoder(nn.Module):
@@ -86,17 +137,8 @@ class Encoder(nn.Module):
     x_BxLxD = self.shared_embedding(tokens_BxL).astype(dtype)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, layers.BLE)
     x_BxLxD = drop(x_BxLxD, deterministic=not enable_dropout)
-    for i in range(cfg.num_encoder_layers):
-      x_BxLxD = layers.EncoderLayer(
-          num_heads=cfg.num_heads,
-          head_dim=cfg.head_dim,
-          mlp_dim=cfg.mlp_dim,
-          dropout_rate=cfg.dropout_rate,
-          dtype=dtype,
-          mlp_activation=cfg.mlp_activation,
-          attention_impl=cfg.attention_impl,
-          name=f'layers_{i}',
-      )(x_BxLxD, bias_1xHxLxL=bias_1xHxLxL, mask_Bx1xLxL=mask_Bx1xLxL, enable_dropout=enable_dropout)
+    x_BxLxD = _run_stack(layers.EncoderLayer, cfg, cfg.num_encoder_layers, enable_dropout,
+                         x_BxLxD, bias_1xHxLxL, mask_Bx1xLxL)
     x_BxLxD = layers.RMSNorm(dtype=dtype, name='encoder_norm')(x_BxLxD)
     x_BxLxD = drop(x_BxLxD, deterministic=not enable_dropout)
     return nn.with_logical_constraint(x_BxLxD, layers.BLE)
@@ -144,24 +186,8 @@ class Decoder(nn.Module):
     y_BxLxD = self.shared_embedding(tokens_BxL).astype(dtype)
     y_BxLxD = nn.with_logical_constraint(y_BxLxD, layers.BLE)
     y_BxLxD = drop(y_BxLxD, deterministic=not enable_dropout)
-    for i in range(cfg.num_decoder_layers):
-      y_BxLxD = layers.DecoderLayer(
-          num_heads=cfg.num_heads,
-          head_dim=cfg.head_dim,
-          mlp_dim=cfg.mlp_dim,
-          dropout_rate=cfg.dropout_rate,
-          dtype=dtype,
-          mlp_activation=cfg.mlp_activation,
-          attention_impl=cfg.attention_impl,
-          name=f'layers_{i}',
-      )(
-          y_BxLxD,
-          encoded_BxExD,
-          bias_1xHxLxL=bias_1xHxLxL,
-          self_mask_Bx1xLxL=self_mask,
-          cross_mask_Bx1xLxE=cross_mask,
-          enable_dropout=enable_dropout,
-      )
+    y_BxLxD = _run_stack(layers.DecoderLayer, cfg, cfg.num_decoder_layers, enable_dropout,
+                         y_BxLxD, encoded_BxExD, bias_1xHxLxL, self_mask, cross_mask)
     y_BxLxD = layers.RMSNorm(dtype=dtype, name='decoder_norm')(y_BxLxD)
     y_BxLxD = drop(y_BxLxD, deterministic=not enable_dropout)
 
