@@ -9,7 +9,7 @@ skips entries already there (pass --redo to recompute). Prints a markdown table.
 
 Setup per run: FSDP over every device of the slice (configs/partitioning/fsdp.gin).
 T5.1.1: span corruption 512 -> 114 tokens, Adafactor (T5 recipe), 8 sequences per
-device. Decoders: causal LM, 2048 tokens, AdamW (float32 moments), 4 sequences per
+device, scanned layers, remat 'save_dots_no_batch'. Decoders: causal LM, 2048 tokens, AdamW (float32 moments), 4 sequences per
 device, the gin file's remat policy and scanned layers, XLA attention.
 """
 
@@ -27,7 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "aot_fit.json")
 SLICES = {"v4-32": 16, "v5litepod-16": 16, "v5p-128": 64}     # name -> devices
 
-T5 = dict(flags=["--feature_lengths=inputs=512,targets=114"], per_device=8)
+T5 = dict(flags=["--feature_lengths=inputs=512,targets=114",
+                 "--gin.t5.T5Config.scan_layers=True",
+                 "--gin.t5.T5Config.remat_policy='save_dots_no_batch'"], per_device=8)
 DECODER = dict(flags=["--feature_lengths=targets=2048", "--feature_converter=lm",
                       "--gin_file=decoder_adamw.gin",
                       "--gin.decoder.DecoderConfig.attention_impl='xla'"], per_device=4)
