@@ -26,9 +26,7 @@ Prints a table; writes benchmarks/results/model_step.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
 import pathlib
 import platform
 import time

@@ -4,7 +4,6 @@ Small random LlamaForCausalLM models are built offline with transformers (torch,
 CPU), saved as safetensors, imported, and run on the same tokens.
 """
 
-import dataclasses
 import functools
 import json
 import os

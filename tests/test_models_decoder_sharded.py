@@ -1,6 +1,5 @@
 """A decoder-only (GQA) train step is the same under every partitioning preset."""
 
-import dataclasses
 
 import jax
 import numpy as np

@@ -17,7 +17,6 @@ segment wherever the segment starts, and attention never crosses segments.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
