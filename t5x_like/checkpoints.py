@@ -154,8 +154,7 @@ class Checkpointer:
     def restore_latest(self, *, abstract_state: Any) -> tuple[int, Any, dict] | None:
         """Restores the newest readable checkpoint; None when there is none."""
         for step in reversed(self.all_steps()):
-            try:
-                self._state_metadata(step)       # unreadable metadata: corrupt
+            try:   # unreadable metadata or arrays: corrupt; a mismatch: an error
                 state, data_position = self.restore(step, abstract_state=abstract_state)
             except CheckpointMismatchError:
                 raise
