@@ -62,127 +62,127 @@ PRESETS = {
 
 
 def decoder_flops_per_token(cfg: decoder.DecoderConfig, seq_len: int) -> float:
-  layer = (3 * cfg.emb_dim * cfg.mlp_dim
-           + 2 * cfg.emb_dim * cfg.head_dim * (cfg.num_heads + cfg.num_kv_heads)
-           + seq_len * cfg.num_heads * cfg.head_dim)
-  return 6.0 * cfg.num_layers * layer + 6.0 * cfg.emb_dim * cfg.vocab_size
+    layer = (3 * cfg.emb_dim * cfg.mlp_dim
+             + 2 * cfg.emb_dim * cfg.head_dim * (cfg.num_heads + cfg.num_kv_heads)
+             + seq_len * cfg.num_heads * cfg.head_dim)
+    return 6.0 * cfg.num_layers * layer + 6.0 * cfg.emb_dim * cfg.vocab_size
 
 
 def encdec_flops_per_sequence(cfg: t5.T5Config, enc_len: int, dec_len: int) -> float:
-  a_plus_1 = 3 if cfg.mlp_activation == 'gated-gelu' else 2
-  ehd = cfg.emb_dim * cfg.num_heads * cfg.head_dim
-  hd = cfg.num_heads * cfg.head_dim
-  mlp = a_plus_1 * cfg.emb_dim * cfg.mlp_dim
-  enc = enc_len * (6 * cfg.num_encoder_layers * (mlp + 4 * ehd)
-                   + 12 * cfg.num_encoder_layers * enc_len * hd)
-  dec = dec_len * (6 * cfg.num_decoder_layers * (mlp + 8 * ehd)
-                   + 6 * cfg.num_decoder_layers * dec_len * hd
-                   + 12 * cfg.num_decoder_layers * enc_len * hd
-                   + 6 * cfg.emb_dim * cfg.vocab_size)
-  return float(enc + dec)
+    a_plus_1 = 3 if cfg.mlp_activation == 'gated-gelu' else 2
+    ehd = cfg.emb_dim * cfg.num_heads * cfg.head_dim
+    hd = cfg.num_heads * cfg.head_dim
+    mlp = a_plus_1 * cfg.emb_dim * cfg.mlp_dim
+    enc = enc_len * (6 * cfg.num_encoder_layers * (mlp + 4 * ehd)
+                     + 12 * cfg.num_encoder_layers * enc_len * hd)
+    dec = dec_len * (6 * cfg.num_decoder_layers * (mlp + 8 * ehd)
+                     + 6 * cfg.num_decoder_layers * dec_len * hd
+                     + 12 * cfg.num_decoder_layers * enc_len * hd
+                     + 6 * cfg.emb_dim * cfg.vocab_size)
+    return float(enc + dec)
 
 
 def measured_peak_flops(dtype) -> float:
-  """Best FLOP/s of a large square matmul in `dtype` on the first device."""
-  n = 8192 if jax.default_backend() != 'cpu' else 1024
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda x, y: x @ y)
-  f(a, a).block_until_ready()
-  best = float('inf')
-  for _ in range(5):
-    start = time.perf_counter()
+    """Best FLOP/s of a large square matmul in `dtype` on the first device."""
+    n = 8192 if jax.default_backend() != 'cpu' else 1024
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
     f(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2.0 * n**3 / best
+    best = float('inf')
+    for _ in range(5):
+        start = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best
 
 
 def load_model(name: str, bindings: list[str]):
-  gin.clear_config()
-  gin.parse_config_files_and_bindings([str(ROOT / 'configs' / 'models' / f'{name}.gin')], bindings)
-  model = gin.query_parameter('%MODEL').scoped_configurable_fn()
-  gin.clear_config()
-  return model
+    gin.clear_config()
+    gin.parse_config_files_and_bindings([str(ROOT / 'configs' / 'models' / f'{name}.gin')], bindings)
+    model = gin.query_parameter('%MODEL').scoped_configurable_fn()
+    gin.clear_config()
+    return model
 
 
 def run_row(name, batch, dec_len, enc_len, bindings, *, steps, peaks):
-  model = load_model(name, bindings)
-  cfg = model.config
-  if isinstance(model, decoder.DecoderOnlyModel):
-    source = synthetic_data.SyntheticDecoderSource(decoder_length=dec_len, vocab_size=cfg.vocab_size,
-                                                   pack_segments=2)
-    flops_per_step = batch * dec_len * decoder_flops_per_token(cfg, dec_len)
-  else:
-    source = synthetic_data.SyntheticEncDecSource(encoder_length=enc_len, decoder_length=dec_len,
-                                                  vocab_size=cfg.vocab_size)
-    flops_per_step = batch * encdec_flops_per_sequence(cfg, enc_len, dec_len)
-  part = partitioning.Partitioner()
-  opt = optimizers.adamw(learning_rate=optax.constant_schedule(1e-4))
-  lengths = source.model_feature_lengths()
-  layout = trainer.state_layout(model=model, optimizer=opt, partitioner=part, feature_lengths=lengths)
-  state = trainer.init_train_state(model=model, optimizer=opt, partitioner=part,
-                                   feature_lengths=lengths, seed=0, layout=layout)
-  batches = [partitioning.host_local_to_global(source.batch(step=i, shard_index=0, batch_size=batch), part)
-             for i in range(2)]
-  step = trainer.jit_train_step(trainer.make_train_step(model=model, optimizer=opt),
-                                partitioner=part, layout=layout, batch_feature_names=tuple(batches[0]))
-  start = time.perf_counter()
-  state, metrics = step(state, batches[0])
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - start
-  times = []
-  for i in range(steps):
+    model = load_model(name, bindings)
+    cfg = model.config
+    if isinstance(model, decoder.DecoderOnlyModel):
+        source = synthetic_data.SyntheticDecoderSource(decoder_length=dec_len, vocab_size=cfg.vocab_size,
+                                                       pack_segments=2)
+        flops_per_step = batch * dec_len * decoder_flops_per_token(cfg, dec_len)
+    else:
+        source = synthetic_data.SyntheticEncDecSource(encoder_length=enc_len, decoder_length=dec_len,
+                                                      vocab_size=cfg.vocab_size)
+        flops_per_step = batch * encdec_flops_per_sequence(cfg, enc_len, dec_len)
+    part = partitioning.Partitioner()
+    opt = optimizers.adamw(learning_rate=optax.constant_schedule(1e-4))
+    lengths = source.model_feature_lengths()
+    layout = trainer.state_layout(model=model, optimizer=opt, partitioner=part, feature_lengths=lengths)
+    state = trainer.init_train_state(model=model, optimizer=opt, partitioner=part,
+                                     feature_lengths=lengths, seed=0, layout=layout)
+    batches = [partitioning.host_local_to_global(source.batch(step=i, shard_index=0, batch_size=batch), part)
+               for i in range(2)]
+    step = trainer.jit_train_step(trainer.make_train_step(model=model, optimizer=opt),
+                                  partitioner=part, layout=layout, batch_feature_names=tuple(batches[0]))
     start = time.perf_counter()
-    state, metrics = step(state, batches[i % 2])
+    state, metrics = step(state, batches[0])
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  step_s = float(np.median(times))
-  dtype = cfg.dtype
-  peak = peaks.setdefault(dtype, measured_peak_flops(jnp.dtype(dtype)))
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layout.abstract.params))
-  variant = ', '.join(b.split('.')[-1].replace(' ', '') for b in bindings) or 'default'
-  return {
-      'model': name, 'variant': variant, 'params': n_params, 'batch': batch,
-      'decoder_length': dec_len, 'encoder_length': enc_len, 'dtype': dtype,
-      'compile_s': round(compile_s, 2), 'step_s': step_s,
-      'target_tokens_per_s': batch * dec_len / step_s,
-      'model_tflops_per_step': flops_per_step / 1e12,
-      'peak_tflops_measured': peak / 1e12,
-      'mfu': flops_per_step / step_s / peak,
-      'loss': float(metrics['loss']),
-  }
+    compile_s = time.perf_counter() - start
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batches[i % 2])
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    step_s = float(np.median(times))
+    dtype = cfg.dtype
+    peak = peaks.setdefault(dtype, measured_peak_flops(jnp.dtype(dtype)))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layout.abstract.params))
+    variant = ', '.join(b.split('.')[-1].replace(' ', '') for b in bindings) or 'default'
+    return {
+        'model': name, 'variant': variant, 'params': n_params, 'batch': batch,
+        'decoder_length': dec_len, 'encoder_length': enc_len, 'dtype': dtype,
+        'compile_s': round(compile_s, 2), 'step_s': step_s,
+        'target_tokens_per_s': batch * dec_len / step_s,
+        'model_tflops_per_step': flops_per_step / 1e12,
+        'peak_tflops_measured': peak / 1e12,
+        'mfu': flops_per_step / step_s / peak,
+        'loss': float(metrics['loss']),
+    }
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--preset', default='cpu' if jax.default_backend() == 'cpu' else 'gpu',
-                      choices=sorted(PRESETS))
-  parser.add_argument('--model', help='one gin model instead of the preset, e.g. decoder_125m')
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--length', type=int, default=512)
-  parser.add_argument('--encoder_length', type=int, default=512)
-  parser.add_argument('--gin', action='append', default=[], help='extra gin binding')
-  parser.add_argument('--steps', type=int, default=10)
-  parser.add_argument('--out', default=str(RESULTS))
-  args = parser.parse_args()
-  rows = PRESETS[args.preset]
-  if args.model:
-    rows = [(args.model, args.batch, args.length,
-             args.encoder_length if args.model.startswith('t5') else None, args.gin)]
-  peaks, results = {}, []
-  for row in rows:
-    results.append(run_row(*row, steps=args.steps, peaks=peaks))
-  header = f"{'model':<22}{'variant':<40}{'params':>12}{'compile s':>10}{'step ms':>10}{'tok/s':>11}{'MFU':>7}"
-  print(header)
-  for r in results:
-    print(f"{r['model']:<22}{r['variant'][:39]:<40}{r['params']:>12,}{r['compile_s']:>10.1f}"
-          f"{r['step_s'] * 1e3:>10.1f}{r['target_tokens_per_s']:>11,.0f}{r['mfu']:>7.1%}")
-  print('measured matmul peak (TFLOP/s):', {k: round(v / 1e12, 3) for k, v in peaks.items()})
-  out = {'host': platform.node(), 'backend': jax.default_backend(),
-         'devices': [str(d) for d in jax.devices()], 'jax': jax.__version__, 'rows': results}
-  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  pathlib.Path(args.out).write_text(json.dumps(out, indent=2))
-  print('wrote', args.out)
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--preset', default='cpu' if jax.default_backend() == 'cpu' else 'gpu',
+                        choices=sorted(PRESETS))
+    parser.add_argument('--model', help='one gin model instead of the preset, e.g. decoder_125m')
+    parser.add_argument('--batch', type=int, default=8)
+    parser.add_argument('--length', type=int, default=512)
+    parser.add_argument('--encoder_length', type=int, default=512)
+    parser.add_argument('--gin', action='append', default=[], help='extra gin binding')
+    parser.add_argument('--steps', type=int, default=10)
+    parser.add_argument('--out', default=str(RESULTS))
+    args = parser.parse_args()
+    rows = PRESETS[args.preset]
+    if args.model:
+        rows = [(args.model, args.batch, args.length,
+                 args.encoder_length if args.model.startswith('t5') else None, args.gin)]
+    peaks, results = {}, []
+    for row in rows:
+        results.append(run_row(*row, steps=args.steps, peaks=peaks))
+    header = f"{'model':<22}{'variant':<40}{'params':>12}{'compile s':>10}{'step ms':>10}{'tok/s':>11}{'MFU':>7}"
+    print(header)
+    for r in results:
+        print(f"{r['model']:<22}{r['variant'][:39]:<40}{r['params']:>12,}{r['compile_s']:>10.1f}"
+              f"{r['step_s'] * 1e3:>10.1f}{r['target_tokens_per_s']:>11,.0f}{r['mfu']:>7.1%}")
+    print('measured matmul peak (TFLOP/s):', {k: round(v / 1e12, 3) for k, v in peaks.items()})
+    out = {'host': platform.node(), 'backend': jax.default_backend(),
+           'devices': [str(d) for d in jax.devices()], 'jax': jax.__version__, 'rows': results}
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.out).write_text(json.dumps(out, indent=2))
+    print('wrote', args.out)
 
 
 if __name__ == '__main__':
-  main()
+    main()

@@ -32,139 +32,139 @@ _LAYER_TENSORS = (
 
 
 def config_from_hf(hf: dict[str, Any], **overrides) -> decoder.DecoderConfig:
-  """Our config from a LlamaConfig dict; `overrides` set dtype, scan_layers, etc."""
-  if hf.get('attention_bias') or hf.get('mlp_bias'):
-    raise ValueError('Llama checkpoints with attention/MLP biases are not supported.')
-  if hf.get('hidden_act', 'silu') != 'silu':
-    raise ValueError(f"hidden_act {hf['hidden_act']!r} is not SwiGLU's silu.")
-  heads = hf['num_attention_heads']
-  rope = dict(hf.get('rope_parameters') or {})
-  rope.update(hf.get('rope_scaling') or {})  # older configs keep these at top level
-  theta = rope.get('rope_theta', hf.get('rope_theta', 10_000.0))
-  rope_type = rope.get('rope_type', rope.get('type', 'default'))
-  scaling = {}
-  if rope_type == 'llama3':
-    scaling = dict(
-        rope_scaling_factor=float(rope['factor']),
-        rope_low_freq_factor=float(rope['low_freq_factor']),
-        rope_high_freq_factor=float(rope['high_freq_factor']),
-        rope_original_max_position=int(rope['original_max_position_embeddings']))
-  elif rope_type != 'default':
-    raise ValueError(f'rope type {rope_type!r} is not supported (default and llama3 are).')
-  fields = dict(
-      vocab_size=hf['vocab_size'],
-      emb_dim=hf['hidden_size'],
-      num_heads=heads,
-      num_kv_heads=hf.get('num_key_value_heads') or heads,
-      head_dim=hf.get('head_dim') or hf['hidden_size'] // heads,
-      mlp_dim=hf['intermediate_size'],
-      num_layers=hf['num_hidden_layers'],
-      rope_theta=float(theta),
-      tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
-      norm_epsilon=float(hf.get('rms_norm_eps', 1e-6)),
-      **scaling,
-  )
-  fields.update(overrides)
-  return decoder.DecoderConfig(**fields)
+    """Our config from a LlamaConfig dict; `overrides` set dtype, scan_layers, etc."""
+    if hf.get('attention_bias') or hf.get('mlp_bias'):
+        raise ValueError('Llama checkpoints with attention/MLP biases are not supported.')
+    if hf.get('hidden_act', 'silu') != 'silu':
+        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not SwiGLU's silu.")
+    heads = hf['num_attention_heads']
+    rope = dict(hf.get('rope_parameters') or {})
+    rope.update(hf.get('rope_scaling') or {})  # older configs keep these at top level
+    theta = rope.get('rope_theta', hf.get('rope_theta', 10_000.0))
+    rope_type = rope.get('rope_type', rope.get('type', 'default'))
+    scaling = {}
+    if rope_type == 'llama3':
+        scaling = dict(
+            rope_scaling_factor=float(rope['factor']),
+            rope_low_freq_factor=float(rope['low_freq_factor']),
+            rope_high_freq_factor=float(rope['high_freq_factor']),
+            rope_original_max_position=int(rope['original_max_position_embeddings']))
+    elif rope_type != 'default':
+        raise ValueError(f'rope type {rope_type!r} is not supported (default and llama3 are).')
+    fields = dict(
+        vocab_size=hf['vocab_size'],
+        emb_dim=hf['hidden_size'],
+        num_heads=heads,
+        num_kv_heads=hf.get('num_key_value_heads') or heads,
+        head_dim=hf.get('head_dim') or hf['hidden_size'] // heads,
+        mlp_dim=hf['intermediate_size'],
+        num_layers=hf['num_hidden_layers'],
+        rope_theta=float(theta),
+        tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+        norm_epsilon=float(hf.get('rms_norm_eps', 1e-6)),
+        **scaling,
+    )
+    fields.update(overrides)
+    return decoder.DecoderConfig(**fields)
 
 
 def config_to_hf(cfg: decoder.DecoderConfig) -> dict[str, Any]:
-  rope = {'rope_type': 'default', 'rope_theta': cfg.rope_theta}
-  if cfg.rope_scaling_factor != 1.0:
-    rope = {'rope_type': 'llama3', 'rope_theta': cfg.rope_theta,
-            'factor': cfg.rope_scaling_factor, 'low_freq_factor': cfg.rope_low_freq_factor,
-            'high_freq_factor': cfg.rope_high_freq_factor,
-            'original_max_position_embeddings': cfg.rope_original_max_position}
-  return {
-      'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
-      'vocab_size': cfg.vocab_size, 'hidden_size': cfg.emb_dim,
-      'intermediate_size': cfg.mlp_dim, 'num_hidden_layers': cfg.num_layers,
-      'num_attention_heads': cfg.num_heads, 'num_key_value_heads': cfg.num_kv_heads,
-      'head_dim': cfg.head_dim, 'hidden_act': 'silu', 'rms_norm_eps': cfg.norm_epsilon,
-      'tie_word_embeddings': cfg.tie_embeddings, 'attention_bias': False, 'mlp_bias': False,
-      # Written both ways: transformers 5 reads rope_parameters, 4.x rope_theta/rope_scaling.
-      'rope_parameters': rope, 'rope_theta': cfg.rope_theta,
-      **({'rope_scaling': rope} if rope['rope_type'] != 'default' else {}),
-      'max_position_embeddings': max(cfg.rope_original_max_position, 2048),
-      'torch_dtype': 'float32', 'bos_token_id': 1, 'eos_token_id': 2,
-  }
+    rope = {'rope_type': 'default', 'rope_theta': cfg.rope_theta}
+    if cfg.rope_scaling_factor != 1.0:
+        rope = {'rope_type': 'llama3', 'rope_theta': cfg.rope_theta,
+                'factor': cfg.rope_scaling_factor, 'low_freq_factor': cfg.rope_low_freq_factor,
+                'high_freq_factor': cfg.rope_high_freq_factor,
+                'original_max_position_embeddings': cfg.rope_original_max_position}
+    return {
+        'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
+        'vocab_size': cfg.vocab_size, 'hidden_size': cfg.emb_dim,
+        'intermediate_size': cfg.mlp_dim, 'num_hidden_layers': cfg.num_layers,
+        'num_attention_heads': cfg.num_heads, 'num_key_value_heads': cfg.num_kv_heads,
+        'head_dim': cfg.head_dim, 'hidden_act': 'silu', 'rms_norm_eps': cfg.norm_epsilon,
+        'tie_word_embeddings': cfg.tie_embeddings, 'attention_bias': False, 'mlp_bias': False,
+        # Written both ways: transformers 5 reads rope_parameters, 4.x rope_theta/rope_scaling.
+        'rope_parameters': rope, 'rope_theta': cfg.rope_theta,
+        **({'rope_scaling': rope} if rope['rope_type'] != 'default' else {}),
+        'max_position_embeddings': max(cfg.rope_original_max_position, 2048),
+        'torch_dtype': 'float32', 'bos_token_id': 1, 'eos_token_id': 2,
+    }
 
 
 def _to_ours(w: np.ndarray, kind: str, cfg: decoder.DecoderConfig) -> np.ndarray:
-  e, d = cfg.emb_dim, cfg.head_dim
-  if kind == 'heads_out':
-    return w.T.reshape(e, cfg.num_heads, d)
-  if kind == 'kv_out':
-    return w.T.reshape(e, cfg.num_kv_heads, d)
-  if kind == 'heads_in':
-    return w.T.reshape(cfg.num_heads, d, e)
-  if kind == 'linear':
-    return w.T
-  return w
+    e, d = cfg.emb_dim, cfg.head_dim
+    if kind == 'heads_out':
+        return w.T.reshape(e, cfg.num_heads, d)
+    if kind == 'kv_out':
+        return w.T.reshape(e, cfg.num_kv_heads, d)
+    if kind == 'heads_in':
+        return w.T.reshape(cfg.num_heads, d, e)
+    if kind == 'linear':
+        return w.T
+    return w
 
 
 def _to_hf(w: np.ndarray, kind: str) -> np.ndarray:
-  if kind in ('heads_out', 'kv_out'):
-    return w.reshape(w.shape[0], -1).T
-  if kind == 'heads_in':
-    return w.reshape(-1, w.shape[-1]).T
-  if kind == 'linear':
-    return w.T
-  return w
+    if kind in ('heads_out', 'kv_out'):
+        return w.reshape(w.shape[0], -1).T
+    if kind == 'heads_in':
+        return w.reshape(-1, w.shape[-1]).T
+    if kind == 'linear':
+        return w.T
+    return w
 
 
 def _our_tensors(reader: safetensors_io.SafetensorsReader, cfg: decoder.DecoderConfig
                  ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
-  yield ('token_embedder', 'embedding'), reader.get('model.embed_tokens.weight')
-  yield ('decoder_norm', 'scale'), reader.get('model.norm.weight')
-  if not cfg.tie_embeddings:
-    yield ('logits_dense', 'kernel'), reader.get('lm_head.weight').T
-  for hf_name, path, kind in _LAYER_TENSORS:
-    per_layer = (_to_ours(reader.get(f'model.layers.{i}.{hf_name}'), kind, cfg)
-                 for i in range(cfg.num_layers))
-    if cfg.scan_layers:
-      yield ('layers',) + path, np.stack(list(per_layer))
-    else:
-      for i, w in enumerate(per_layer):
-        yield (f'layers_{i}',) + path, w
+    yield ('token_embedder', 'embedding'), reader.get('model.embed_tokens.weight')
+    yield ('decoder_norm', 'scale'), reader.get('model.norm.weight')
+    if not cfg.tie_embeddings:
+        yield ('logits_dense', 'kernel'), reader.get('lm_head.weight').T
+    for hf_name, path, kind in _LAYER_TENSORS:
+        per_layer = (_to_ours(reader.get(f'model.layers.{i}.{hf_name}'), kind, cfg)
+                     for i in range(cfg.num_layers))
+        if cfg.scan_layers:
+            yield ('layers',) + path, np.stack(list(per_layer))
+        else:
+            for i, w in enumerate(per_layer):
+                yield (f'layers_{i}',) + path, w
 
 
 def import_checkpoint(directory: str, *, shardings: Any = None, **config_overrides
                       ) -> tuple[decoder.DecoderConfig, dict[str, Any]]:
-  """(config, params) from a LlamaForCausalLM safetensors directory.
+    """(config, params) from a LlamaForCausalLM safetensors directory.
 
-  `config_overrides` (e.g. dtype='bfloat16', scan_layers=True) change the
-  returned config; `shardings` (a tree like the params, of jax Shardings, e.g.
-  from trainer.state_layout(...).shardings.params) places each tensor directly
-  into its shards. Parameters are float32 whatever the checkpoint dtype.
-  """
-  reader = safetensors_io.SafetensorsReader(directory)
-  cfg = config_from_hf(safetensors_io.read_config(directory), **config_overrides)
-  params = safetensors_io.assemble(_our_tensors(reader, cfg), shardings=shardings)
-  return cfg, params
+    `config_overrides` (e.g. dtype='bfloat16', scan_layers=True) change the
+    returned config; `shardings` (a tree like the params, of jax Shardings, e.g.
+    from trainer.state_layout(...).shardings.params) places each tensor directly
+    into its shards. Parameters are float32 whatever the checkpoint dtype.
+    """
+    reader = safetensors_io.SafetensorsReader(directory)
+    cfg = config_from_hf(safetensors_io.read_config(directory), **config_overrides)
+    params = safetensors_io.assemble(_our_tensors(reader, cfg), shardings=shardings)
+    return cfg, params
 
 
 def export_checkpoint(params: Any, cfg: decoder.DecoderConfig, directory: str, *,
                       dtype=np.float32) -> None:
-  """Writes config.json + model.safetensors that LlamaForCausalLM.from_pretrained loads."""
-  flat = safetensors_io.to_numpy_tree(params)
-  if cfg.scan_layers:
-    for key in [k for k in flat if k[0] == 'layers']:
-      stacked = flat.pop(key)
-      for i in range(cfg.num_layers):
-        flat[(f'layers_{i}',) + key[1:]] = stacked[i]
-  tensors = {
-      'model.embed_tokens.weight': flat.pop(('token_embedder', 'embedding')),
-      'model.norm.weight': flat.pop(('decoder_norm', 'scale')),
-  }
-  if not cfg.tie_embeddings:
-    tensors['lm_head.weight'] = flat.pop(('logits_dense', 'kernel')).T
-  for i in range(cfg.num_layers):
-    for hf_name, path, kind in _LAYER_TENSORS:
-      tensors[f'model.layers.{i}.{hf_name}'] = _to_hf(flat.pop((f'layers_{i}',) + path), kind)
-  if flat:
-    raise ValueError(f'Parameters with no Llama counterpart: {sorted(flat)}')
-  hf_config = config_to_hf(cfg)
-  hf_config['torch_dtype'] = np.dtype(dtype).name
-  safetensors_io.write_checkpoint(
-      directory, hf_config, {k: v.astype(dtype) for k, v in tensors.items()})
+    """Writes config.json + model.safetensors that LlamaForCausalLM.from_pretrained loads."""
+    flat = safetensors_io.to_numpy_tree(params)
+    if cfg.scan_layers:
+        for key in [k for k in flat if k[0] == 'layers']:
+            stacked = flat.pop(key)
+            for i in range(cfg.num_layers):
+                flat[(f'layers_{i}',) + key[1:]] = stacked[i]
+    tensors = {
+        'model.embed_tokens.weight': flat.pop(('token_embedder', 'embedding')),
+        'model.norm.weight': flat.pop(('decoder_norm', 'scale')),
+    }
+    if not cfg.tie_embeddings:
+        tensors['lm_head.weight'] = flat.pop(('logits_dense', 'kernel')).T
+    for i in range(cfg.num_layers):
+        for hf_name, path, kind in _LAYER_TENSORS:
+            tensors[f'model.layers.{i}.{hf_name}'] = _to_hf(flat.pop((f'layers_{i}',) + path), kind)
+    if flat:
+        raise ValueError(f'Parameters with no Llama counterpart: {sorted(flat)}')
+    hf_config = config_to_hf(cfg)
+    hf_config['torch_dtype'] = np.dtype(dtype).name
+    safetensors_io.write_checkpoint(
+        directory, hf_config, {k: v.astype(dtype) for k, v in tensors.items()})

@@ -45,44 +45,44 @@ BLGK = ('batch', 'length', 'kv_heads', 'kv')
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DecoderConfig:
-  """Hyper-parameters of a LLaMA-style decoder."""
+    """Hyper-parameters of a LLaMA-style decoder."""
 
-  vocab_size: int
-  emb_dim: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  mlp_dim: int
-  num_layers: int
-  rope_theta: float = 10_000.0
-  # Llama-3-style rope frequency scaling (factor 1.0 = off).
-  rope_scaling_factor: float = 1.0
-  rope_low_freq_factor: float = 1.0
-  rope_high_freq_factor: float = 4.0
-  rope_original_max_position: int = 8192
-  tie_embeddings: bool = False
-  norm_epsilon: float = 1e-5
-  dropout_rate: float = 0.0
-  dtype: str = 'float32'  # Compute dtype; parameters are always float32.
-  scan_layers: bool = False
-  remat_policy: str = 'none'
-  attention_impl: str = 'xla'
+    vocab_size: int
+    emb_dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    num_layers: int
+    rope_theta: float = 10_000.0
+    # Llama-3-style rope frequency scaling (factor 1.0 = off).
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    tie_embeddings: bool = False
+    norm_epsilon: float = 1e-5
+    dropout_rate: float = 0.0
+    dtype: str = 'float32'  # Compute dtype; parameters are always float32.
+    scan_layers: bool = False
+    remat_policy: str = 'none'
+    attention_impl: str = 'xla'
 
-  def __post_init__(self):
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(f'num_heads={self.num_heads} is not a multiple of '
-                       f'num_kv_heads={self.num_kv_heads}.')
-    if self.head_dim % 2:
-      raise ValueError(f'rotary embeddings need an even head_dim, got {self.head_dim}.')
-    if self.remat_policy not in layers.REMAT_POLICIES:
-      raise ValueError(f'remat_policy {self.remat_policy!r}; choose one of {sorted(layers.REMAT_POLICIES)}.')
-    if self.attention_impl not in attention.IMPLEMENTATIONS:
-      raise ValueError(f'attention_impl {self.attention_impl!r}; choose one of '
-                       f'{attention.IMPLEMENTATIONS}.')
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f'num_heads={self.num_heads} is not a multiple of '
+                             f'num_kv_heads={self.num_kv_heads}.')
+        if self.head_dim % 2:
+            raise ValueError(f'rotary embeddings need an even head_dim, got {self.head_dim}.')
+        if self.remat_policy not in layers.REMAT_POLICIES:
+            raise ValueError(f'remat_policy {self.remat_policy!r}; choose one of {sorted(layers.REMAT_POLICIES)}.')
+        if self.attention_impl not in attention.IMPLEMENTATIONS:
+            raise ValueError(f'attention_impl {self.attention_impl!r}; choose one of '
+                             f'{attention.IMPLEMENTATIONS}.')
 
-  @property
-  def compute_dtype(self) -> Any:
-    return jnp.dtype(self.dtype)
+    @property
+    def compute_dtype(self) -> Any:
+        return jnp.dtype(self.dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -90,39 +90,39 @@ class DecoderConfig:
 
 
 def rope_inverse_frequencies(config: DecoderConfig) -> np.ndarray:
-  """theta**(-2i/D) for i < D/2, with optional Llama-3 long-context rescaling.
+    """theta**(-2i/D) for i < D/2, with optional Llama-3 long-context rescaling.
 
-  The Llama-3 rule leaves high frequencies (wavelength shorter than
-  original_max_position / high_freq_factor) alone, divides low frequencies
-  (wavelength longer than original_max_position / low_freq_factor) by `factor`,
-  and interpolates linearly in between.
-  """
-  d = config.head_dim
-  inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-  if config.rope_scaling_factor == 1.0:
-    return inv.astype(np.float32)
-  factor, orig = config.rope_scaling_factor, config.rope_original_max_position
-  low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
-  wavelength = 2 * math.pi / inv
-  smooth = np.clip((orig / wavelength - low) / (high - low), 0.0, 1.0)
-  scaled = (1 - smooth) * inv / factor + smooth * inv
-  return scaled.astype(np.float32)
+    The Llama-3 rule leaves high frequencies (wavelength shorter than
+    original_max_position / high_freq_factor) alone, divides low frequencies
+    (wavelength longer than original_max_position / low_freq_factor) by `factor`,
+    and interpolates linearly in between.
+    """
+    d = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    if config.rope_scaling_factor == 1.0:
+        return inv.astype(np.float32)
+    factor, orig = config.rope_scaling_factor, config.rope_original_max_position
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+    wavelength = 2 * math.pi / inv
+    smooth = np.clip((orig / wavelength - low) / (high - low), 0.0, 1.0)
+    scaled = (1 - smooth) * inv / factor + smooth * inv
+    return scaled.astype(np.float32)
 
 
 def rope_tables(positions_BxL: Array, config: DecoderConfig) -> tuple[Array, Array]:
-  """cos and sin, float32 [B, L, head_dim/2], for integer positions."""
-  inv_freq = jnp.asarray(rope_inverse_frequencies(config))
-  angles = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
-  return jnp.cos(angles), jnp.sin(angles)
+    """cos and sin, float32 [B, L, head_dim/2], for integer positions."""
+    inv_freq = jnp.asarray(rope_inverse_frequencies(config))
+    angles = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rope(x_BxLxHxD: Array, cos_BxLxF: Array, sin_BxLxF: Array) -> Array:
-  """Rotates feature pairs (i, i + D/2) by position-dependent angles, in float32."""
-  x = x_BxLxHxD.astype(jnp.float32)
-  first, second = jnp.split(x, 2, axis=-1)
-  cos, sin = cos_BxLxF[:, :, None, :], sin_BxLxF[:, :, None, :]
-  rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-  return rotated.astype(x_BxLxHxD.dtype)
+    """Rotates feature pairs (i, i + D/2) by position-dependent angles, in float32."""
+    x = x_BxLxHxD.astype(jnp.float32)
+    first, second = jnp.split(x, 2, axis=-1)
+    cos, sin = cos_BxLxF[:, :, None, :], sin_BxLxF[:, :, None, :]
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x_BxLxHxD.dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -130,146 +130,146 @@ def apply_rope(x_BxLxHxD: Array, cos_BxLxF: Array, sin_BxLxF: Array) -> Array:
 
 
 class GroupedQueryAttention(nn.Module):
-  """Self-attention with num_kv_heads <= num_heads key/value heads and RoPE."""
+    """Self-attention with num_kv_heads <= num_heads key/value heads and RoPE."""
 
-  config: DecoderConfig
+    config: DecoderConfig
 
-  @nn.compact
-  def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, prefix_BxL, *, deterministic: bool):
-    cfg = self.config
-    dtype = cfg.compute_dtype
-    d = x_BxLxD.shape[-1]
-    proj = functools.partial(layers.DenseGeneral, dtype=dtype,
-                             kernel_init=layers.truncated_normal_init(d**-0.5))
-    q = proj(features=(cfg.num_heads, cfg.head_dim), kernel_axes=('embed', 'heads', 'kv'),
-             name='query')(x_BxLxD)
-    kv_proj = functools.partial(proj, features=(cfg.num_kv_heads, cfg.head_dim),
-                                kernel_axes=('embed', 'kv_heads', 'kv'))
-    k = kv_proj(name='key')(x_BxLxD)
-    v = kv_proj(name='value')(x_BxLxD)
-    q = nn.with_logical_constraint(apply_rope(q, cos, sin), BLHK)
-    k = nn.with_logical_constraint(apply_rope(k, cos, sin), BLGK)
-    v = nn.with_logical_constraint(v, BLGK)
-    ctx = attention.attend(
-        q, k, v,
-        implementation=cfg.attention_impl,
-        scale=cfg.head_dim**-0.5,
-        causal=True,
-        segment_ids_BxL=segment_ids_BxL,
-        prefix_BxL=prefix_BxL,
-        dtype=dtype,
-    )
-    ctx = nn.with_logical_constraint(ctx, BLHK)
-    out = layers.DenseGeneral(
-        features=d, axis=(-2, -1), kernel_axes=('heads', 'kv', 'embed'),
-        kernel_init=layers.truncated_normal_init((cfg.num_heads * cfg.head_dim) ** -0.5),
-        dtype=dtype, name='out',
-    )(ctx)
-    return nn.with_logical_constraint(out, layers.BLE)
+    @nn.compact
+    def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, prefix_BxL, *, deterministic: bool):
+        cfg = self.config
+        dtype = cfg.compute_dtype
+        d = x_BxLxD.shape[-1]
+        proj = functools.partial(layers.DenseGeneral, dtype=dtype,
+                                 kernel_init=layers.truncated_normal_init(d**-0.5))
+        q = proj(features=(cfg.num_heads, cfg.head_dim), kernel_axes=('embed', 'heads', 'kv'),
+                 name='query')(x_BxLxD)
+        kv_proj = functools.partial(proj, features=(cfg.num_kv_heads, cfg.head_dim),
+                                    kernel_axes=('embed', 'kv_heads', 'kv'))
+        k = kv_proj(name='key')(x_BxLxD)
+        v = kv_proj(name='value')(x_BxLxD)
+        q = nn.with_logical_constraint(apply_rope(q, cos, sin), BLHK)
+        k = nn.with_logical_constraint(apply_rope(k, cos, sin), BLGK)
+        v = nn.with_logical_constraint(v, BLGK)
+        ctx = attention.attend(
+            q, k, v,
+            implementation=cfg.attention_impl,
+            scale=cfg.head_dim**-0.5,
+            causal=True,
+            segment_ids_BxL=segment_ids_BxL,
+            prefix_BxL=prefix_BxL,
+            dtype=dtype,
+        )
+        ctx = nn.with_logical_constraint(ctx, BLHK)
+        out = layers.DenseGeneral(
+            features=d, axis=(-2, -1), kernel_axes=('heads', 'kv', 'embed'),
+            kernel_init=layers.truncated_normal_init((cfg.num_heads * cfg.head_dim) ** -0.5),
+            dtype=dtype, name='out',
+        )(ctx)
+        return nn.with_logical_constraint(out, layers.BLE)
 
 
 class SwiGluMlp(nn.Module):
-  """wo(silu(wi_0 x) * wi_1 x): LLaMA's gated feed-forward."""
+    """wo(silu(wi_0 x) * wi_1 x): LLaMA's gated feed-forward."""
 
-  config: DecoderConfig
+    config: DecoderConfig
 
-  @nn.compact
-  def __call__(self, x_BxLxD):
-    cfg = self.config
-    dense = functools.partial(
-        layers.DenseGeneral, features=cfg.mlp_dim, kernel_axes=('embed', 'mlp'),
-        kernel_init=layers.truncated_normal_init(cfg.emb_dim**-0.5), dtype=cfg.compute_dtype)
-    h = nn.silu(dense(name='wi_0')(x_BxLxD)) * dense(name='wi_1')(x_BxLxD)
-    h = nn.with_logical_constraint(h, layers.BLM)
-    out = layers.DenseGeneral(
-        features=cfg.emb_dim, kernel_axes=('mlp', 'embed'),
-        kernel_init=layers.truncated_normal_init(cfg.mlp_dim**-0.5),
-        dtype=cfg.compute_dtype, name='wo')(h)
-    return nn.with_logical_constraint(out, layers.BLE)
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        cfg = self.config
+        dense = functools.partial(
+            layers.DenseGeneral, features=cfg.mlp_dim, kernel_axes=('embed', 'mlp'),
+            kernel_init=layers.truncated_normal_init(cfg.emb_dim**-0.5), dtype=cfg.compute_dtype)
+        h = nn.silu(dense(name='wi_0')(x_BxLxD)) * dense(name='wi_1')(x_BxLxD)
+        h = nn.with_logical_constraint(h, layers.BLM)
+        out = layers.DenseGeneral(
+            features=cfg.emb_dim, kernel_axes=('mlp', 'embed'),
+            kernel_init=layers.truncated_normal_init(cfg.mlp_dim**-0.5),
+            dtype=cfg.compute_dtype, name='wo')(h)
+        return nn.with_logical_constraint(out, layers.BLE)
 
 
 class DecoderBlock(nn.Module):
-  """One pre-norm block; `(x, *broadcast) -> (x, None)` so nn.scan can stack it."""
+    """One pre-norm block; `(x, *broadcast) -> (x, None)` so nn.scan can stack it."""
 
-  config: DecoderConfig
-  deterministic: bool = True
+    config: DecoderConfig
+    deterministic: bool = True
 
-  @nn.compact
-  def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, prefix_BxL):
-    cfg = self.config
-    dtype = cfg.compute_dtype
-    norm = functools.partial(layers.RMSNorm, dtype=dtype, epsilon=cfg.norm_epsilon)
-    drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
-    h = norm(name='pre_attention_norm')(x_BxLxD)
-    h = GroupedQueryAttention(config=cfg, name='attention')(
-        h, cos, sin, segment_ids_BxL, prefix_BxL, deterministic=self.deterministic)
-    x_BxLxD = x_BxLxD + drop(h)
-    h = norm(name='pre_mlp_norm')(x_BxLxD)
-    x_BxLxD = x_BxLxD + drop(SwiGluMlp(config=cfg, name='mlp')(h))
-    return nn.with_logical_constraint(x_BxLxD, layers.BLE), None
+    @nn.compact
+    def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, prefix_BxL):
+        cfg = self.config
+        dtype = cfg.compute_dtype
+        norm = functools.partial(layers.RMSNorm, dtype=dtype, epsilon=cfg.norm_epsilon)
+        drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+        h = norm(name='pre_attention_norm')(x_BxLxD)
+        h = GroupedQueryAttention(config=cfg, name='attention')(
+            h, cos, sin, segment_ids_BxL, prefix_BxL, deterministic=self.deterministic)
+        x_BxLxD = x_BxLxD + drop(h)
+        h = norm(name='pre_mlp_norm')(x_BxLxD)
+        x_BxLxD = x_BxLxD + drop(SwiGluMlp(config=cfg, name='mlp')(h))
+        return nn.with_logical_constraint(x_BxLxD, layers.BLE), None
 
 
 class Decoder(nn.Module):
-  """Decoder-only LM: tokens -> float32 logits [B, L, vocab]."""
+    """Decoder-only LM: tokens -> float32 logits [B, L, vocab]."""
 
-  config: DecoderConfig
+    config: DecoderConfig
 
-  @nn.compact
-  def __call__(
-      self,
-      decoder_input_tokens: Array,
-      *,
-      decoder_segment_ids: Array | None = None,
-      decoder_positions: Array | None = None,
-      decoder_causal_attention: Array | None = None,
-      enable_dropout: bool = True,
-  ) -> Array:
-    cfg = self.config
-    dtype = cfg.compute_dtype
-    batch, length = decoder_input_tokens.shape
-    # Tied tables are read as the output layer too: start them at unit-variance logits.
-    embed_std = cfg.emb_dim**-0.5 if cfg.tie_embeddings else 1.0
-    embedder = layers.Embed(num_embeddings=cfg.vocab_size, features=cfg.emb_dim, dtype=dtype,
-                            embedding_init=nn.initializers.normal(stddev=embed_std),
-                            name='token_embedder')
-    if decoder_positions is None:
-      decoder_positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    cos, sin = rope_tables(decoder_positions, cfg)
+    @nn.compact
+    def __call__(
+        self,
+        decoder_input_tokens: Array,
+        *,
+        decoder_segment_ids: Array | None = None,
+        decoder_positions: Array | None = None,
+        decoder_causal_attention: Array | None = None,
+        enable_dropout: bool = True,
+    ) -> Array:
+        cfg = self.config
+        dtype = cfg.compute_dtype
+        batch, length = decoder_input_tokens.shape
+        # Tied tables are read as the output layer too: start them at unit-variance logits.
+        embed_std = cfg.emb_dim**-0.5 if cfg.tie_embeddings else 1.0
+        embedder = layers.Embed(num_embeddings=cfg.vocab_size, features=cfg.emb_dim, dtype=dtype,
+                                embedding_init=nn.initializers.normal(stddev=embed_std),
+                                name='token_embedder')
+        if decoder_positions is None:
+            decoder_positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        cos, sin = rope_tables(decoder_positions, cfg)
 
-    x = embedder(decoder_input_tokens).astype(dtype)
-    x = nn.with_logical_constraint(x, layers.BLE)
-    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout)
+        x = embedder(decoder_input_tokens).astype(dtype)
+        x = nn.with_logical_constraint(x, layers.BLE)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout)
 
-    block_cls = DecoderBlock
-    policy = layers.REMAT_POLICIES[cfg.remat_policy]
-    if cfg.remat_policy != 'none':
-      block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not cfg.scan_layers)
-    broadcast = (cos, sin, decoder_segment_ids, decoder_causal_attention)
-    if cfg.scan_layers:
-      stack = nn.scan(
-          block_cls,
-          variable_axes={'params': 0},
-          split_rngs={'params': True, 'dropout': True},
-          in_axes=(nn.broadcast,) * len(broadcast),
-          length=cfg.num_layers,
-          metadata_params={nn.PARTITION_NAME: 'layers'},
-      )(config=cfg, deterministic=not enable_dropout, name='layers')
-      x, _ = stack(x, *broadcast)
-    else:
-      for i in range(cfg.num_layers):
-        x, _ = block_cls(config=cfg, deterministic=not enable_dropout, name=f'layers_{i}')(
-            x, *broadcast)
+        block_cls = DecoderBlock
+        policy = layers.REMAT_POLICIES[cfg.remat_policy]
+        if cfg.remat_policy != 'none':
+            block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not cfg.scan_layers)
+        broadcast = (cos, sin, decoder_segment_ids, decoder_causal_attention)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block_cls,
+                variable_axes={'params': 0},
+                split_rngs={'params': True, 'dropout': True},
+                in_axes=(nn.broadcast,) * len(broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: 'layers'},
+            )(config=cfg, deterministic=not enable_dropout, name='layers')
+            x, _ = stack(x, *broadcast)
+        else:
+            for i in range(cfg.num_layers):
+                x, _ = block_cls(config=cfg, deterministic=not enable_dropout, name=f'layers_{i}')(
+                    x, *broadcast)
 
-    x = layers.RMSNorm(dtype=dtype, epsilon=cfg.norm_epsilon, name='decoder_norm')(x)
-    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout)
-    if cfg.tie_embeddings:
-      logits = embedder.attend(x)
-    else:
-      logits = layers.DenseGeneral(
-          features=cfg.vocab_size, kernel_axes=('embed', 'vocab'),
-          kernel_init=layers.truncated_normal_init(cfg.emb_dim**-0.5),
-          dtype=dtype, out_dtype=jnp.float32, name='logits_dense')(x)
-    return nn.with_logical_constraint(logits.astype(jnp.float32), layers.BLV)
+        x = layers.RMSNorm(dtype=dtype, epsilon=cfg.norm_epsilon, name='decoder_norm')(x)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout)
+        if cfg.tie_embeddings:
+            logits = embedder.attend(x)
+        else:
+            logits = layers.DenseGeneral(
+                features=cfg.vocab_size, kernel_axes=('embed', 'vocab'),
+                kernel_init=layers.truncated_normal_init(cfg.emb_dim**-0.5),
+                dtype=dtype, out_dtype=jnp.float32, name='logits_dense')(x)
+        return nn.with_logical_constraint(logits.astype(jnp.float32), layers.BLV)
 
 
 # ----------------------------------------------------------------------------
@@ -277,19 +277,19 @@ class Decoder(nn.Module):
 
 
 def scan_params(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-  """Unscanned tree (layers_0..layers_{N-1}) -> scanned ('layers', leading axis)."""
-  out = {k: v for k, v in params.items() if not k.startswith('layers_')}
-  per_layer = [params[f'layers_{i}'] for i in range(num_layers)]
-  out['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
-  return out
+    """Unscanned tree (layers_0..layers_{N-1}) -> scanned ('layers', leading axis)."""
+    out = {k: v for k, v in params.items() if not k.startswith('layers_')}
+    per_layer = [params[f'layers_{i}'] for i in range(num_layers)]
+    out['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+    return out
 
 
 def unscan_params(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-  """Scanned tree -> unscanned; the exact inverse of `scan_params`."""
-  out = {k: v for k, v in params.items() if k != 'layers'}
-  for i in range(num_layers):
-    out[f'layers_{i}'] = jax.tree.map(lambda x, i=i: x[i], params['layers'])
-  return out
+    """Scanned tree -> unscanned; the exact inverse of `scan_params`."""
+    out = {k: v for k, v in params.items() if k != 'layers'}
+    for i in range(num_layers):
+        out[f'layers_{i}'] = jax.tree.map(lambda x, i=i: x[i], params['layers'])
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -298,49 +298,49 @@ def unscan_params(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DecoderOnlyModel:
-  """Trainer-facing decoder-only LM (causal, or prefix LM when the batch says so).
+    """Trainer-facing decoder-only LM (causal, or prefix LM when the batch says so).
 
-  `loss_normalization` ('tokens', 'total_tokens', 'sequences') chooses what the
-  summed loss is divided by; see `losses.normalized_weights`.
-  """
+    `loss_normalization` ('tokens', 'total_tokens', 'sequences') chooses what the
+    summed loss is divided by; see `losses.normalized_weights`.
+    """
 
-  config: DecoderConfig
-  z_loss: float = 1e-4
-  label_smoothing: float = 0.0
-  loss_normalization: str = 'tokens'
+    config: DecoderConfig
+    z_loss: float = 1e-4
+    label_smoothing: float = 0.0
+    loss_normalization: str = 'tokens'
 
-  @property
-  def module(self) -> Decoder:
-    return Decoder(config=self.config)
+    @property
+    def module(self) -> Decoder:
+        return Decoder(config=self.config)
 
-  def init_params(self, rng: Array, *, batch_size: int, decoder_length: int):
-    """Boxed (nn.LogicallyPartitioned) params; cheap under jax.eval_shape."""
-    tokens = jnp.ones((batch_size, decoder_length), jnp.int32)
-    return self.module.init({'params': rng}, tokens, enable_dropout=False)['params']
+    def init_params(self, rng: Array, *, batch_size: int, decoder_length: int):
+        """Boxed (nn.LogicallyPartitioned) params; cheap under jax.eval_shape."""
+        tokens = jnp.ones((batch_size, decoder_length), jnp.int32)
+        return self.module.init({'params': rng}, tokens, enable_dropout=False)['params']
 
-  def logits(self, params, batch: Mapping[str, Array], *, dropout_rng: Array | None = None):
-    rngs = {'dropout': dropout_rng} if dropout_rng is not None else {}
-    return self.module.apply(
-        {'params': params},
-        batch['decoder_input_tokens'],
-        decoder_segment_ids=batch.get('decoder_segment_ids'),
-        decoder_positions=batch.get('decoder_positions'),
-        decoder_causal_attention=batch.get('decoder_causal_attention'),
-        enable_dropout=dropout_rng is not None,
-        rngs=rngs,
-    )
+    def logits(self, params, batch: Mapping[str, Array], *, dropout_rng: Array | None = None):
+        rngs = {'dropout': dropout_rng} if dropout_rng is not None else {}
+        return self.module.apply(
+            {'params': params},
+            batch['decoder_input_tokens'],
+            decoder_segment_ids=batch.get('decoder_segment_ids'),
+            decoder_positions=batch.get('decoder_positions'),
+            decoder_causal_attention=batch.get('decoder_causal_attention'),
+            enable_dropout=dropout_rng is not None,
+            rngs=rngs,
+        )
 
-  def loss_and_metrics(
-      self, params, batch: Mapping[str, Array], *, dropout_rng: Array | None
-  ) -> tuple[Array, dict[str, Array]]:
-    """Normalised loss plus exact sums (see EncoderDecoderModel for the keys)."""
-    logits_BxLxV = self.logits(params, batch, dropout_rng=dropout_rng)
-    return losses.loss_and_metric_sums(
-        logits_BxLxV,
-        batch['decoder_target_tokens'],
-        batch['decoder_loss_weights'],
-        segment_ids_BxL=batch.get('decoder_segment_ids'),
-        z_loss=self.z_loss,
-        label_smoothing=self.label_smoothing,
-        normalization=self.loss_normalization,
-    )
+    def loss_and_metrics(
+        self, params, batch: Mapping[str, Array], *, dropout_rng: Array | None
+    ) -> tuple[Array, dict[str, Array]]:
+        """Normalised loss plus exact sums (see EncoderDecoderModel for the keys)."""
+        logits_BxLxV = self.logits(params, batch, dropout_rng=dropout_rng)
+        return losses.loss_and_metric_sums(
+            logits_BxLxV,
+            batch['decoder_target_tokens'],
+            batch['decoder_loss_weights'],
+            segment_ids_BxL=batch.get('decoder_segment_ids'),
+            z_loss=self.z_loss,
+            label_smoothing=self.label_smoothing,
+            normalization=self.loss_normalization,
+        )

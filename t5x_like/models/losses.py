@@ -15,17 +15,17 @@ Array = jax.Array
 
 
 def label_smoothing_constant(*, vocab_size: int, label_smoothing: float) -> float:
-  """Entropy of the smoothed target distribution.
+    """Entropy of the smoothed target distribution.
 
-  Subtracting it makes the smoothed cross-entropy reach exactly 0 when the model
-  predicts the smoothed distribution, so losses stay comparable across settings.
-  """
-  confidence = 1.0 - label_smoothing
-  low = label_smoothing / (vocab_size - 1)
-  entropy = -confidence * math.log(confidence) if confidence > 0 else 0.0
-  if low > 0:
-    entropy -= (vocab_size - 1) * low * math.log(low)
-  return entropy
+    Subtracting it makes the smoothed cross-entropy reach exactly 0 when the model
+    predicts the smoothed distribution, so losses stay comparable across settings.
+    """
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / (vocab_size - 1)
+    entropy = -confidence * math.log(confidence) if confidence > 0 else 0.0
+    if low > 0:
+        entropy -= (vocab_size - 1) * low * math.log(low)
+    return entropy
 
 
 def cross_entropy_with_z_loss(
@@ -36,40 +36,40 @@ def cross_entropy_with_z_loss(
     z_loss: float,
     label_smoothing: float,
 ) -> tuple[Array, Array]:
-  """Per-token (cross-entropy + z-loss) and the z-loss part alone, both weighted.
+    """Per-token (cross-entropy + z-loss) and the z-loss part alone, both weighted.
 
-  - Cross-entropy is against a smoothed target: `1 - label_smoothing` on the
-    true token and `label_smoothing / (V - 1)` on each other token, minus the
-    constant that makes its minimum 0.
-  - z-loss is `z_loss * logsumexp(logits)**2`, which keeps the softmax
-    normaliser near 1 (log Z near 0) for bf16 stability.
-  Computed in float32 without materialising a one-hot [B, L, V] tensor:
-  with log p = logits - log Z,
-    CE = -(conf - low) * log p[target] - low * sum_v log p[v] - constant.
-  """
-  logits_BxLxV = logits_BxLxV.astype(jnp.float32)
-  vocab_size = logits_BxLxV.shape[-1]
-  confidence = 1.0 - label_smoothing
-  low = label_smoothing / (vocab_size - 1)
+    - Cross-entropy is against a smoothed target: `1 - label_smoothing` on the
+      true token and `label_smoothing / (V - 1)` on each other token, minus the
+      constant that makes its minimum 0.
+    - z-loss is `z_loss * logsumexp(logits)**2`, which keeps the softmax
+      normaliser near 1 (log Z near 0) for bf16 stability.
+    Computed in float32 without materialising a one-hot [B, L, V] tensor:
+    with log p = logits - log Z,
+      CE = -(conf - low) * log p[target] - low * sum_v log p[v] - constant.
+    """
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    vocab_size = logits_BxLxV.shape[-1]
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / (vocab_size - 1)
 
-  log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-  target_logit_BxL = jnp.take_along_axis(
-      logits_BxLxV, targets_BxL[..., None].astype(jnp.int32), axis=-1
-  )[..., 0]
-  target_logp_BxL = target_logit_BxL - log_z_BxL
-  ce_BxL = -(confidence - low) * target_logp_BxL
-  if low > 0:
-    sum_logp_BxL = jnp.sum(logits_BxLxV, axis=-1) - vocab_size * log_z_BxL
-    ce_BxL = ce_BxL - low * sum_logp_BxL
-  ce_BxL = ce_BxL - label_smoothing_constant(vocab_size=vocab_size, label_smoothing=label_smoothing)
+    log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+    target_logit_BxL = jnp.take_along_axis(
+        logits_BxLxV, targets_BxL[..., None].astype(jnp.int32), axis=-1
+    )[..., 0]
+    target_logp_BxL = target_logit_BxL - log_z_BxL
+    ce_BxL = -(confidence - low) * target_logp_BxL
+    if low > 0:
+        sum_logp_BxL = jnp.sum(logits_BxLxV, axis=-1) - vocab_size * log_z_BxL
+        ce_BxL = ce_BxL - low * sum_logp_BxL
+    ce_BxL = ce_BxL - label_smoothing_constant(vocab_size=vocab_size, label_smoothing=label_smoothing)
 
-  z_BxL = z_loss * jnp.square(log_z_BxL)
-  total_BxL = ce_BxL + z_BxL
-  if weights_BxL is not None:
-    w = weights_BxL.astype(jnp.float32)
-    total_BxL = total_BxL * w
-    z_BxL = z_BxL * w
-  return total_BxL, z_BxL
+    z_BxL = z_loss * jnp.square(log_z_BxL)
+    total_BxL = ce_BxL + z_BxL
+    if weights_BxL is not None:
+        w = weights_BxL.astype(jnp.float32)
+        total_BxL = total_BxL * w
+        z_BxL = z_BxL * w
+    return total_BxL, z_BxL
 
 
 # What the summed loss is divided by.
@@ -82,39 +82,39 @@ def normalized_weights(
     segment_ids_BxL: Array | None,
     normalization: str,
 ) -> tuple[Array, Array]:
-  """Per-token weights and their divisor, so that loss = sum(w * CE) / divisor.
+    """Per-token weights and their divisor, so that loss = sum(w * CE) / divisor.
 
-  - 'tokens': divide by the number of real (weighted) target tokens.
-  - 'total_tokens': divide by every target position, padding included (B * L):
-    a constant, so each token counts the same however full the batch is.
-  - 'sequences': each sequence's mean token loss, averaged over sequences. With
-    packing a "sequence" is one packed segment, not a row: token weights become
-    w / (weighted tokens in its segment) and the divisor counts segments that
-    have any weight.
-  Both parts are sums over tokens, so micro-batches and hosts still add exactly.
-  """
-  w = weights_BxL.astype(jnp.float32)
-  if normalization == 'tokens':
-    return w, jnp.sum(w)
-  if normalization == 'total_tokens':
-    return w, jnp.asarray(w.size, jnp.float32)
-  if normalization != 'sequences':
-    raise ValueError(f'loss normalization {normalization!r}; choose one of {NORMALIZATIONS}.')
-  if segment_ids_BxL is None:
-    per_row = jnp.sum(w, axis=-1, keepdims=True)
-    token_w = jnp.where(per_row > 0, w / jnp.maximum(per_row, 1e-8), 0.0)
-    return token_w, jnp.sum(per_row > 0).astype(jnp.float32)
-  # Weighted token count of each (row, segment), gathered back to its tokens:
-  # O(B*L), no [L, L] comparison.
-  batch, length = w.shape
-  seg = segment_ids_BxL.astype(jnp.int32)
-  flat_ids = (jnp.arange(batch, dtype=jnp.int32)[:, None] * (length + 1) + seg).reshape(-1)
-  totals = jax.ops.segment_sum(w.reshape(-1), flat_ids, num_segments=batch * (length + 1))
-  per_token_total = jnp.where(seg > 0, totals[flat_ids].reshape(batch, length), 0.0)
-  token_w = jnp.where(per_token_total > 0, w / jnp.maximum(per_token_total, 1e-8), 0.0)
-  # Each segment with weight contributes token weights summing to exactly 1.
-  num_sequences = jnp.round(jnp.sum(token_w))
-  return token_w, num_sequences
+    - 'tokens': divide by the number of real (weighted) target tokens.
+    - 'total_tokens': divide by every target position, padding included (B * L):
+      a constant, so each token counts the same however full the batch is.
+    - 'sequences': each sequence's mean token loss, averaged over sequences. With
+      packing a "sequence" is one packed segment, not a row: token weights become
+      w / (weighted tokens in its segment) and the divisor counts segments that
+      have any weight.
+    Both parts are sums over tokens, so micro-batches and hosts still add exactly.
+    """
+    w = weights_BxL.astype(jnp.float32)
+    if normalization == 'tokens':
+        return w, jnp.sum(w)
+    if normalization == 'total_tokens':
+        return w, jnp.asarray(w.size, jnp.float32)
+    if normalization != 'sequences':
+        raise ValueError(f'loss normalization {normalization!r}; choose one of {NORMALIZATIONS}.')
+    if segment_ids_BxL is None:
+        per_row = jnp.sum(w, axis=-1, keepdims=True)
+        token_w = jnp.where(per_row > 0, w / jnp.maximum(per_row, 1e-8), 0.0)
+        return token_w, jnp.sum(per_row > 0).astype(jnp.float32)
+    # Weighted token count of each (row, segment), gathered back to its tokens:
+    # O(B*L), no [L, L] comparison.
+    batch, length = w.shape
+    seg = segment_ids_BxL.astype(jnp.int32)
+    flat_ids = (jnp.arange(batch, dtype=jnp.int32)[:, None] * (length + 1) + seg).reshape(-1)
+    totals = jax.ops.segment_sum(w.reshape(-1), flat_ids, num_segments=batch * (length + 1))
+    per_token_total = jnp.where(seg > 0, totals[flat_ids].reshape(batch, length), 0.0)
+    token_w = jnp.where(per_token_total > 0, w / jnp.maximum(per_token_total, 1e-8), 0.0)
+    # Each segment with weight contributes token weights summing to exactly 1.
+    num_sequences = jnp.round(jnp.sum(token_w))
+    return token_w, num_sequences
 
 
 def loss_and_metric_sums(
@@ -127,21 +127,21 @@ def loss_and_metric_sums(
     label_smoothing: float,
     normalization: str = 'tokens',
 ) -> tuple[Array, dict[str, Array]]:
-  """(normalised loss, sums) in the form every model returns to the trainer.
+    """(normalised loss, sums) in the form every model returns to the trainer.
 
-  sums: loss_sum (CE + z-loss, weighted), z_loss_sum, accuracy_sum (weighted
-  argmax hits), weight_sum (the divisor of `normalization`), all float32.
-  """
-  token_w, weight_sum = normalized_weights(
-      weights_BxL, segment_ids_BxL=segment_ids_BxL, normalization=normalization)
-  loss_BxL, z_BxL = cross_entropy_with_z_loss(
-      logits_BxLxV, targets_BxL, token_w, z_loss=z_loss, label_smoothing=label_smoothing)
-  correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32)
-  loss_sum = jnp.sum(loss_BxL)
-  metrics = {
-      'loss_sum': loss_sum,
-      'z_loss_sum': jnp.sum(z_BxL),
-      'accuracy_sum': jnp.sum(correct_BxL * token_w),
-      'weight_sum': weight_sum,
-  }
-  return loss_sum / jnp.maximum(weight_sum, 1e-8), metrics
+    sums: loss_sum (CE + z-loss, weighted), z_loss_sum, accuracy_sum (weighted
+    argmax hits), weight_sum (the divisor of `normalization`), all float32.
+    """
+    token_w, weight_sum = normalized_weights(
+        weights_BxL, segment_ids_BxL=segment_ids_BxL, normalization=normalization)
+    loss_BxL, z_BxL = cross_entropy_with_z_loss(
+        logits_BxLxV, targets_BxL, token_w, z_loss=z_loss, label_smoothing=label_smoothing)
+    correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32)
+    loss_sum = jnp.sum(loss_BxL)
+    metrics = {
+        'loss_sum': loss_sum,
+        'z_loss_sum': jnp.sum(z_BxL),
+        'accuracy_sum': jnp.sum(correct_BxL * token_w),
+        'weight_sum': weight_sum,
+    }
+    return loss_sum / jnp.maximum(weight_sum, 1e-8), metrics

@@ -32,306 +32,306 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class T5Config:
-  """Hyper-parameters of a T5.1.1-style encoder-decoder."""
+    """Hyper-parameters of a T5.1.1-style encoder-decoder."""
 
-  vocab_size: int
-  emb_dim: int
-  num_heads: int
-  head_dim: int
-  mlp_dim: int
-  num_encoder_layers: int
-  num_decoder_layers: int
-  dropout_rate: float = 0.0
-  dtype: str = 'float32'  # Compute dtype; parameters are always float32.
-  relative_attention_num_buckets: int = 32
-  relative_attention_max_distance: int = 128
-  logits_via_embedding: bool = False  # T5.1.1 unties the output layer.
-  mlp_activation: str = 'gated-gelu'  # 'relu' for the original (v1.0) T5.
-  attention_impl: str = 'xla'  # see models/attention.py
-  # Speed/memory: scan each stack over depth (compile time flat in depth; params
-  # get a leading 'layers' axis, see scan_params) and rematerialise per layer.
-  scan_layers: bool = False
-  remat_policy: str = 'none'  # see layers.REMAT_POLICIES
+    vocab_size: int
+    emb_dim: int
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    num_encoder_layers: int
+    num_decoder_layers: int
+    dropout_rate: float = 0.0
+    dtype: str = 'float32'  # Compute dtype; parameters are always float32.
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    logits_via_embedding: bool = False  # T5.1.1 unties the output layer.
+    mlp_activation: str = 'gated-gelu'  # 'relu' for the original (v1.0) T5.
+    attention_impl: str = 'xla'  # see models/attention.py
+    # Speed/memory: scan each stack over depth (compile time flat in depth; params
+    # get a leading 'layers' axis, see scan_params) and rematerialise per layer.
+    scan_layers: bool = False
+    remat_policy: str = 'none'  # see layers.REMAT_POLICIES
 
-  def __post_init__(self):
-    if self.remat_policy not in layers.REMAT_POLICIES:
-      raise ValueError(f'remat_policy {self.remat_policy!r}; choose one of '
-                       f'{sorted(layers.REMAT_POLICIES)}.')
+    def __post_init__(self):
+        if self.remat_policy not in layers.REMAT_POLICIES:
+            raise ValueError(f'remat_policy {self.remat_policy!r}; choose one of '
+                             f'{sorted(layers.REMAT_POLICIES)}.')
 
-  @property
-  def compute_dtype(self) -> Any:
-    return jnp.dtype(self.dtype)
+    @property
+    def compute_dtype(self) -> Any:
+        return jnp.dtype(self.dtype)
 
 
 def _segments_or_nonpad(segment_ids_BxL: Array | None, tokens_BxL: Array) -> Array:
-  """Segment ids, or (unpacked batch) 1 for real tokens and 0 for padding."""
-  if segment_ids_BxL is not None:
-    return segment_ids_BxL
-  return (tokens_BxL > 0).astype(jnp.int32)
+    """Segment ids, or (unpacked batch) 1 for real tokens and 0 for padding."""
+    if segment_ids_BxL is not None:
+        return segment_ids_BxL
+    return (tokens_BxL > 0).astype(jnp.int32)
 
 
 def _run_stack(layer_cls: type[nn.Module], cfg: T5Config, num_layers: int,
                enable_dropout: bool, x: Array, *broadcast: Array) -> Array:
-  """Applies `num_layers` layers to `x`; `broadcast` inputs are shared by all.
+    """Applies `num_layers` layers to `x`; `broadcast` inputs are shared by all.
 
-  Unscanned, the layers are `layers_0..N-1`; scanned, one `layers` module whose
-  parameters carry a leading depth axis (logical axis 'layers'). Either way each
-  layer may be rematerialised with `cfg.remat_policy`.
-  """
-  if cfg.remat_policy != 'none':
-    layer_cls = nn.remat(layer_cls, policy=layers.REMAT_POLICIES[cfg.remat_policy],
-                         prevent_cse=not cfg.scan_layers)
-  kwargs = dict(num_heads=cfg.num_heads, head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim,
-                dropout_rate=cfg.dropout_rate, dtype=cfg.compute_dtype,
-                mlp_activation=cfg.mlp_activation, attention_impl=cfg.attention_impl,
-                enable_dropout=enable_dropout)
-  if cfg.scan_layers:
-    stack = nn.scan(layer_cls, variable_axes={'params': 0},
-                    split_rngs={'params': True, 'dropout': True},
-                    in_axes=(nn.broadcast,) * len(broadcast), length=num_layers,
-                    metadata_params={nn.PARTITION_NAME: 'layers'})
-    x, _ = stack(**kwargs, name='layers')(x, *broadcast)
+    Unscanned, the layers are `layers_0..N-1`; scanned, one `layers` module whose
+    parameters carry a leading depth axis (logical axis 'layers'). Either way each
+    layer may be rematerialised with `cfg.remat_policy`.
+    """
+    if cfg.remat_policy != 'none':
+        layer_cls = nn.remat(layer_cls, policy=layers.REMAT_POLICIES[cfg.remat_policy],
+                             prevent_cse=not cfg.scan_layers)
+    kwargs = dict(num_heads=cfg.num_heads, head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim,
+                  dropout_rate=cfg.dropout_rate, dtype=cfg.compute_dtype,
+                  mlp_activation=cfg.mlp_activation, attention_impl=cfg.attention_impl,
+                  enable_dropout=enable_dropout)
+    if cfg.scan_layers:
+        stack = nn.scan(layer_cls, variable_axes={'params': 0},
+                        split_rngs={'params': True, 'dropout': True},
+                        in_axes=(nn.broadcast,) * len(broadcast), length=num_layers,
+                        metadata_params={nn.PARTITION_NAME: 'layers'})
+        x, _ = stack(**kwargs, name='layers')(x, *broadcast)
+        return x
+    for i in range(num_layers):
+        x, _ = layer_cls(**kwargs, name=f'layers_{i}')(x, *broadcast)
     return x
-  for i in range(num_layers):
-    x, _ = layer_cls(**kwargs, name=f'layers_{i}')(x, *broadcast)
-  return x
 
 
 def scan_params(params: Mapping[str, Any], cfg: T5Config) -> dict[str, Any]:
-  """Unscanned T5 parameters -> the layout of `scan_layers=True` (both stacks)."""
-  return {**params,
-          'encoder': decoder.scan_params(params['encoder'], cfg.num_encoder_layers),
-          'decoder': decoder.scan_params(params['decoder'], cfg.num_decoder_layers)}
+    """Unscanned T5 parameters -> the layout of `scan_layers=True` (both stacks)."""
+    return {**params,
+            'encoder': decoder.scan_params(params['encoder'], cfg.num_encoder_layers),
+            'decoder': decoder.scan_params(params['decoder'], cfg.num_decoder_layers)}
 
 
 def unscan_params(params: Mapping[str, Any], cfg: T5Config) -> dict[str, Any]:
-  """The exact inverse of `scan_params`."""
-  return {**params,
-          'encoder': decoder.unscan_params(params['encoder'], cfg.num_encoder_layers),
-          'decoder': decoder.unscan_params(params['decoder'], cfg.num_decoder_layers)}
+    """The exact inverse of `scan_params`."""
+    return {**params,
+            'encoder': decoder.unscan_params(params['encoder'], cfg.num_encoder_layers),
+            'decoder': decoder.unscan_params(params['decoder'], cfg.num_decoder_layers)}
 
 
 class Encoder(nn.Module):
-  """Embeds tokens and runs the bidirectional encoder stack."""
+    """Embeds tokens and runs the bidirectional encoder stack."""
 
-  config: T5Config
-  shared_embedding: nn.Module
+    config: T5Config
+    shared_embedding: nn.Module
 
-  @nn.compact
-  def __call__(self, tokens_BxL: Array, *, segment_ids_BxL: Array, enable_dropout: bool) -> Array:
-    cfg = self.config
-    dtype = cfg.compute_dtype
-    length = tokens_BxL.shape[1]
-    drop = nn.Dropout(cfg.dropout_rate)
+    @nn.compact
+    def __call__(self, tokens_BxL: Array, *, segment_ids_BxL: Array, enable_dropout: bool) -> Array:
+        cfg = self.config
+        dtype = cfg.compute_dtype
+        length = tokens_BxL.shape[1]
+        drop = nn.Dropout(cfg.dropout_rate)
 
-    mask_Bx1xLxL = layers.segment_mask(segment_ids_BxL, segment_ids_BxL)
-    bias_1xHxLxL = layers.RelativePositionBiases(
-        num_buckets=cfg.relative_attention_num_buckets,
-        max_distance=cfg.relative_attention_max_distance,
-        num_heads=cfg.num_heads,
-        bidirectional=True,
-        name='relpos_bias',
-    )(length, length)
+        mask_Bx1xLxL = layers.segment_mask(segment_ids_BxL, segment_ids_BxL)
+        bias_1xHxLxL = layers.RelativePositionBiases(
+            num_buckets=cfg.relative_attention_num_buckets,
+            max_distance=cfg.relative_attention_max_distance,
+            num_heads=cfg.num_heads,
+            bidirectional=True,
+            name='relpos_bias',
+        )(length, length)
 
-    x_BxLxD = self.shared_embedding(tokens_BxL).astype(dtype)
-    x_BxLxD = nn.with_logical_constraint(x_BxLxD, layers.BLE)
-    x_BxLxD = drop(x_BxLxD, deterministic=not enable_dropout)
-    x_BxLxD = _run_stack(layers.EncoderLayer, cfg, cfg.num_encoder_layers, enable_dropout,
-                         x_BxLxD, bias_1xHxLxL, mask_Bx1xLxL)
-    x_BxLxD = layers.RMSNorm(dtype=dtype, name='encoder_norm')(x_BxLxD)
-    x_BxLxD = drop(x_BxLxD, deterministic=not enable_dropout)
-    return nn.with_logical_constraint(x_BxLxD, layers.BLE)
+        x_BxLxD = self.shared_embedding(tokens_BxL).astype(dtype)
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, layers.BLE)
+        x_BxLxD = drop(x_BxLxD, deterministic=not enable_dropout)
+        x_BxLxD = _run_stack(layers.EncoderLayer, cfg, cfg.num_encoder_layers, enable_dropout,
+                             x_BxLxD, bias_1xHxLxL, mask_Bx1xLxL)
+        x_BxLxD = layers.RMSNorm(dtype=dtype, name='encoder_norm')(x_BxLxD)
+        x_BxLxD = drop(x_BxLxD, deterministic=not enable_dropout)
+        return nn.with_logical_constraint(x_BxLxD, layers.BLE)
 
 
 class Decoder(nn.Module):
-  """Causal decoder stack with cross-attention, ending in float32 logits."""
+    """Causal decoder stack with cross-attention, ending in float32 logits."""
 
-  config: T5Config
-  shared_embedding: nn.Module
+    config: T5Config
+    shared_embedding: nn.Module
 
-  @nn.compact
-  def __call__(
-      self,
-      encoded_BxExD: Array,
-      tokens_BxL: Array,
-      *,
-      encoder_segment_ids_BxE: Array,
-      decoder_segment_ids_BxL: Array | None,
-      enable_dropout: bool,
-  ) -> Array:
-    cfg = self.config
-    dtype = cfg.compute_dtype
-    length = tokens_BxL.shape[1]
-    drop = nn.Dropout(cfg.dropout_rate)
+    @nn.compact
+    def __call__(
+        self,
+        encoded_BxExD: Array,
+        tokens_BxL: Array,
+        *,
+        encoder_segment_ids_BxE: Array,
+        decoder_segment_ids_BxL: Array | None,
+        enable_dropout: bool,
+    ) -> Array:
+        cfg = self.config
+        dtype = cfg.compute_dtype
+        length = tokens_BxL.shape[1]
+        drop = nn.Dropout(cfg.dropout_rate)
 
-    causal_1x1xLxL = layers.causal_mask(length)
-    if decoder_segment_ids_BxL is None:
-      # Unpacked: padding sits at the end, so causality alone keeps real tokens
-      # off it (the first input token is id 0 = BOS, so tokens can't mark padding).
-      self_mask = causal_1x1xLxL
-      cross_mask = layers.key_padding_mask(encoder_segment_ids_BxE, length)
-    else:
-      self_mask = causal_1x1xLxL & layers.segment_mask(decoder_segment_ids_BxL, decoder_segment_ids_BxL)
-      cross_mask = layers.segment_mask(decoder_segment_ids_BxL, encoder_segment_ids_BxE)
+        causal_1x1xLxL = layers.causal_mask(length)
+        if decoder_segment_ids_BxL is None:
+            # Unpacked: padding sits at the end, so causality alone keeps real tokens
+            # off it (the first input token is id 0 = BOS, so tokens can't mark padding).
+            self_mask = causal_1x1xLxL
+            cross_mask = layers.key_padding_mask(encoder_segment_ids_BxE, length)
+        else:
+            self_mask = causal_1x1xLxL & layers.segment_mask(decoder_segment_ids_BxL, decoder_segment_ids_BxL)
+            cross_mask = layers.segment_mask(decoder_segment_ids_BxL, encoder_segment_ids_BxE)
 
-    bias_1xHxLxL = layers.RelativePositionBiases(
-        num_buckets=cfg.relative_attention_num_buckets,
-        max_distance=cfg.relative_attention_max_distance,
-        num_heads=cfg.num_heads,
-        bidirectional=False,
-        name='relpos_bias',
-    )(length, length)
+        bias_1xHxLxL = layers.RelativePositionBiases(
+            num_buckets=cfg.relative_attention_num_buckets,
+            max_distance=cfg.relative_attention_max_distance,
+            num_heads=cfg.num_heads,
+            bidirectional=False,
+            name='relpos_bias',
+        )(length, length)
 
-    y_BxLxD = self.shared_embedding(tokens_BxL).astype(dtype)
-    y_BxLxD = nn.with_logical_constraint(y_BxLxD, layers.BLE)
-    y_BxLxD = drop(y_BxLxD, deterministic=not enable_dropout)
-    y_BxLxD = _run_stack(layers.DecoderLayer, cfg, cfg.num_decoder_layers, enable_dropout,
-                         y_BxLxD, encoded_BxExD, bias_1xHxLxL, self_mask, cross_mask)
-    y_BxLxD = layers.RMSNorm(dtype=dtype, name='decoder_norm')(y_BxLxD)
-    y_BxLxD = drop(y_BxLxD, deterministic=not enable_dropout)
+        y_BxLxD = self.shared_embedding(tokens_BxL).astype(dtype)
+        y_BxLxD = nn.with_logical_constraint(y_BxLxD, layers.BLE)
+        y_BxLxD = drop(y_BxLxD, deterministic=not enable_dropout)
+        y_BxLxD = _run_stack(layers.DecoderLayer, cfg, cfg.num_decoder_layers, enable_dropout,
+                             y_BxLxD, encoded_BxExD, bias_1xHxLxL, self_mask, cross_mask)
+        y_BxLxD = layers.RMSNorm(dtype=dtype, name='decoder_norm')(y_BxLxD)
+        y_BxLxD = drop(y_BxLxD, deterministic=not enable_dropout)
 
-    if cfg.logits_via_embedding:
-      logits_BxLxV = self.shared_embedding.attend(y_BxLxD) * (cfg.emb_dim**-0.5)
-    else:
-      logits_BxLxV = layers.DenseGeneral(
-          features=cfg.vocab_size,
-          kernel_axes=('embed', 'vocab'),
-          kernel_init=layers.truncated_normal_init(cfg.emb_dim**-0.5),
-          dtype=dtype,
-          out_dtype=jnp.float32,
-          name='logits_dense',
-      )(y_BxLxD)
-    return nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32), layers.BLV)
+        if cfg.logits_via_embedding:
+            logits_BxLxV = self.shared_embedding.attend(y_BxLxD) * (cfg.emb_dim**-0.5)
+        else:
+            logits_BxLxV = layers.DenseGeneral(
+                features=cfg.vocab_size,
+                kernel_axes=('embed', 'vocab'),
+                kernel_init=layers.truncated_normal_init(cfg.emb_dim**-0.5),
+                dtype=dtype,
+                out_dtype=jnp.float32,
+                name='logits_dense',
+            )(y_BxLxD)
+        return nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32), layers.BLV)
 
 
 class Transformer(nn.Module):
-  """Encoder-decoder with a shared input embedding; see module docstring."""
+    """Encoder-decoder with a shared input embedding; see module docstring."""
 
-  config: T5Config
+    config: T5Config
 
-  def setup(self):
-    cfg = self.config
-    self.token_embedder = layers.Embed(
-        num_embeddings=cfg.vocab_size, features=cfg.emb_dim, dtype=cfg.compute_dtype
-    )
-    self.encoder = Encoder(config=cfg, shared_embedding=self.token_embedder)
-    self.decoder = Decoder(config=cfg, shared_embedding=self.token_embedder)
+    def setup(self):
+        cfg = self.config
+        self.token_embedder = layers.Embed(
+            num_embeddings=cfg.vocab_size, features=cfg.emb_dim, dtype=cfg.compute_dtype
+        )
+        self.encoder = Encoder(config=cfg, shared_embedding=self.token_embedder)
+        self.decoder = Decoder(config=cfg, shared_embedding=self.token_embedder)
 
-  def encode(
-      self,
-      encoder_input_tokens: Array,
-      *,
-      encoder_segment_ids: Array | None = None,
-      encoder_positions: Array | None = None,
-      enable_dropout: bool = True,
-  ) -> Array:
-    """Encoder output [B, Le, emb_dim] in the compute dtype."""
-    del encoder_positions  # Relative biases need only index differences.
-    segments = _segments_or_nonpad(encoder_segment_ids, encoder_input_tokens)
-    return self.encoder(encoder_input_tokens, segment_ids_BxL=segments, enable_dropout=enable_dropout)
+    def encode(
+        self,
+        encoder_input_tokens: Array,
+        *,
+        encoder_segment_ids: Array | None = None,
+        encoder_positions: Array | None = None,
+        enable_dropout: bool = True,
+    ) -> Array:
+        """Encoder output [B, Le, emb_dim] in the compute dtype."""
+        del encoder_positions  # Relative biases need only index differences.
+        segments = _segments_or_nonpad(encoder_segment_ids, encoder_input_tokens)
+        return self.encoder(encoder_input_tokens, segment_ids_BxL=segments, enable_dropout=enable_dropout)
 
-  def decode(
-      self,
-      encoded: Array,
-      encoder_input_tokens: Array,
-      decoder_input_tokens: Array,
-      *,
-      encoder_segment_ids: Array | None = None,
-      decoder_segment_ids: Array | None = None,
-      decoder_positions: Array | None = None,
-      enable_dropout: bool = True,
-  ) -> Array:
-    """Float32 logits [B, Ld, vocab] given the encoder output."""
-    del decoder_positions
-    encoder_segments = _segments_or_nonpad(encoder_segment_ids, encoder_input_tokens)
-    return self.decoder(
-        encoded,
-        decoder_input_tokens,
-        encoder_segment_ids_BxE=encoder_segments,
-        decoder_segment_ids_BxL=decoder_segment_ids,
-        enable_dropout=enable_dropout,
-    )
+    def decode(
+        self,
+        encoded: Array,
+        encoder_input_tokens: Array,
+        decoder_input_tokens: Array,
+        *,
+        encoder_segment_ids: Array | None = None,
+        decoder_segment_ids: Array | None = None,
+        decoder_positions: Array | None = None,
+        enable_dropout: bool = True,
+    ) -> Array:
+        """Float32 logits [B, Ld, vocab] given the encoder output."""
+        del decoder_positions
+        encoder_segments = _segments_or_nonpad(encoder_segment_ids, encoder_input_tokens)
+        return self.decoder(
+            encoded,
+            decoder_input_tokens,
+            encoder_segment_ids_BxE=encoder_segments,
+            decoder_segment_ids_BxL=decoder_segment_ids,
+            enable_dropout=enable_dropout,
+        )
 
-  def __call__(
-      self,
-      encoder_input_tokens: Array,
-      decoder_input_tokens: Array,
-      *,
-      encoder_segment_ids: Array | None = None,
-      decoder_segment_ids: Array | None = None,
-      encoder_positions: Array | None = None,
-      decoder_positions: Array | None = None,
-      enable_dropout: bool = True,
-  ) -> Array:
-    encoded = self.encode(
-        encoder_input_tokens,
-        encoder_segment_ids=encoder_segment_ids,
-        encoder_positions=encoder_positions,
-        enable_dropout=enable_dropout,
-    )
-    return self.decode(
-        encoded,
-        encoder_input_tokens,
-        decoder_input_tokens,
-        encoder_segment_ids=encoder_segment_ids,
-        decoder_segment_ids=decoder_segment_ids,
-        decoder_positions=decoder_positions,
-        enable_dropout=enable_dropout,
-    )
+    def __call__(
+        self,
+        encoder_input_tokens: Array,
+        decoder_input_tokens: Array,
+        *,
+        encoder_segment_ids: Array | None = None,
+        decoder_segment_ids: Array | None = None,
+        encoder_positions: Array | None = None,
+        decoder_positions: Array | None = None,
+        enable_dropout: bool = True,
+    ) -> Array:
+        encoded = self.encode(
+            encoder_input_tokens,
+            encoder_segment_ids=encoder_segment_ids,
+            encoder_positions=encoder_positions,
+            enable_dropout=enable_dropout,
+        )
+        return self.decode(
+            encoded,
+            encoder_input_tokens,
+            decoder_input_tokens,
+            encoder_segment_ids=encoder_segment_ids,
+            decoder_segment_ids=decoder_segment_ids,
+            decoder_positions=decoder_positions,
+            enable_dropout=enable_dropout,
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EncoderDecoderModel:
-  """What the trainer needs from a model: parameter init and a loss on a batch."""
+    """What the trainer needs from a model: parameter init and a loss on a batch."""
 
-  config: T5Config
-  z_loss: float = 1e-4
-  label_smoothing: float = 0.0
-  # 'tokens' | 'total_tokens' | 'sequences'; see losses.normalized_weights.
-  loss_normalization: str = 'tokens'
+    config: T5Config
+    z_loss: float = 1e-4
+    label_smoothing: float = 0.0
+    # 'tokens' | 'total_tokens' | 'sequences'; see losses.normalized_weights.
+    loss_normalization: str = 'tokens'
 
-  @property
-  def module(self) -> Transformer:
-    return Transformer(config=self.config)
+    @property
+    def module(self) -> Transformer:
+        return Transformer(config=self.config)
 
-  def init_params(self, rng: Array, *, batch_size: int, encoder_length: int, decoder_length: int):
-    """Boxed (nn.LogicallyPartitioned) params; cheap under jax.eval_shape.
+    def init_params(self, rng: Array, *, batch_size: int, encoder_length: int, decoder_length: int):
+        """Boxed (nn.LogicallyPartitioned) params; cheap under jax.eval_shape.
 
-    Under jax.eval_shape, bind the int arguments with functools.partial so they
-    stay static.
-    """
-    enc = jnp.ones((batch_size, encoder_length), jnp.int32)
-    dec = jnp.ones((batch_size, decoder_length), jnp.int32)
-    variables = self.module.init({'params': rng}, enc, dec, enable_dropout=False)
-    return variables['params']
+        Under jax.eval_shape, bind the int arguments with functools.partial so they
+        stay static.
+        """
+        enc = jnp.ones((batch_size, encoder_length), jnp.int32)
+        dec = jnp.ones((batch_size, decoder_length), jnp.int32)
+        variables = self.module.init({'params': rng}, enc, dec, enable_dropout=False)
+        return variables['params']
 
-  def loss_and_metrics(
-      self, params, batch: Mapping[str, Array], *, dropout_rng: Array | None
-  ) -> tuple[Array, dict[str, Array]]:
-    """Mean loss over weighted target tokens, plus exact sums for aggregation.
+    def loss_and_metrics(
+        self, params, batch: Mapping[str, Array], *, dropout_rng: Array | None
+    ) -> tuple[Array, dict[str, Array]]:
+        """Mean loss over weighted target tokens, plus exact sums for aggregation.
 
-    metrics: loss_sum (cross-entropy + z-loss, weighted), z_loss_sum,
-    accuracy_sum (weighted count of argmax == target), weight_sum.
-    Dropout is on iff `dropout_rng` is given.
-    """
-    rngs = {'dropout': dropout_rng} if dropout_rng is not None else {}
-    logits_BxLxV = self.module.apply(
-        {'params': params},
-        batch['encoder_input_tokens'],
-        batch['decoder_input_tokens'],
-        encoder_segment_ids=batch.get('encoder_segment_ids'),
-        decoder_segment_ids=batch.get('decoder_segment_ids'),
-        encoder_positions=batch.get('encoder_positions'),
-        decoder_positions=batch.get('decoder_positions'),
-        enable_dropout=dropout_rng is not None,
-        rngs=rngs,
-    )
-    return losses.loss_and_metric_sums(
-        logits_BxLxV,
-        batch['decoder_target_tokens'],
-        batch['decoder_loss_weights'],
-        segment_ids_BxL=batch.get('decoder_segment_ids'),
-        z_loss=self.z_loss,
-        label_smoothing=self.label_smoothing,
-        normalization=self.loss_normalization,
-    )
+        metrics: loss_sum (cross-entropy + z-loss, weighted), z_loss_sum,
+        accuracy_sum (weighted count of argmax == target), weight_sum.
+        Dropout is on iff `dropout_rng` is given.
+        """
+        rngs = {'dropout': dropout_rng} if dropout_rng is not None else {}
+        logits_BxLxV = self.module.apply(
+            {'params': params},
+            batch['encoder_input_tokens'],
+            batch['decoder_input_tokens'],
+            encoder_segment_ids=batch.get('encoder_segment_ids'),
+            decoder_segment_ids=batch.get('decoder_segment_ids'),
+            encoder_positions=batch.get('encoder_positions'),
+            decoder_positions=batch.get('decoder_positions'),
+            enable_dropout=dropout_rng is not None,
+            rngs=rngs,
+        )
+        return losses.loss_and_metric_sums(
+            logits_BxLxV,
+            batch['decoder_target_tokens'],
+            batch['decoder_loss_weights'],
+            segment_ids_BxL=batch.get('decoder_segment_ids'),
+            z_loss=self.z_loss,
+            label_smoothing=self.label_smoothing,
+            normalization=self.loss_normalization,
+        )
