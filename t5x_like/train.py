@@ -138,7 +138,7 @@ def train(*, model_dir: str, model: trainer.Model, train_data: DataSource,
     try:
         while step < train_steps:
             local_batch = next(batches)
-            progress.add_tokens(_count_real_tokens(local_batch) * jax.process_count())
+            progress.add_tokens(model.count_real_tokens(local_batch) * jax.process_count())
             state, step_metrics = train_step(
                 state, partitioning.host_local_to_global(local_batch, partitioner))
             step += 1
@@ -208,12 +208,6 @@ class _NonFiniteGuard:
             f"Loss or gradient became NaN/Inf at step {step}; {where}. Lower the learning "
             "rate or check the data, then rerun to resume from that checkpoint (or set "
             "train.on_nonfinite_loss='skip_update').")
-
-
-def _count_real_tokens(batch: Mapping[str, np.ndarray]) -> int:
-    """Non-padding tokens in this host's batch: encoder inputs plus decoder targets."""
-    return int(sum(np.count_nonzero(batch[k]) for k in
-                   ("encoder_input_tokens", "decoder_target_tokens") if k in batch))
 
 
 def _check_data_position(data_position: Mapping[str, Any], *, batch_size: int, seed: int,

@@ -16,6 +16,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -26,9 +27,20 @@ Batch = Mapping[str, jax.Array]
 
 
 class Model(Protocol):
-    """What the trainer needs from a model (see models/t5.py)."""
+    """What the trainer needs from a model (see models/t5.py, models/decoder.py).
 
-    def init_params(self, rng: jax.Array, *, batch_size: int, **lengths: int) -> Any: ...
+    The model, not the trainer, knows its batch's feature names: a new model family
+    implements these four methods and needs no change here or in train.py.
+    """
+
+    def init_lengths(self, feature_lengths: Mapping[str, int]) -> dict[str, int]:
+        """The length arguments of `init_params` for batches with these features."""
+
+    def init_params(self, rng: jax.Array, *, batch_size: int, **lengths: int) -> Any:
+        """Boxed (logically partitioned) parameters for dummy inputs of these shapes."""
+
+    def count_real_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
+        """Non-padding tokens in a host batch (the throughput the progress line shows)."""
 
     def loss_and_metrics(self, params: Any, batch: Batch, *,
                          dropout_rng: jax.Array | None) -> tuple[jax.Array, dict]: ...
@@ -42,18 +54,6 @@ class TrainState:
 
 
 # --------------------------------------------------------------------------- init
-
-def init_shape_kwargs(feature_lengths: Mapping[str, int]) -> dict[str, int]:
-    """The lengths `Model.init_params` needs, from the data's feature lengths.
-
-    Encoder-decoder models get `encoder_length` and `decoder_length`;
-    decoder-only (LM and prefix-LM) models get `decoder_length` alone.
-    """
-    if "encoder_input_tokens" in feature_lengths:
-        return {"encoder_length": feature_lengths["encoder_input_tokens"],
-                "decoder_length": feature_lengths["decoder_target_tokens"]}
-    return {"decoder_length": feature_lengths["decoder_target_tokens"]}
-
 
 def _optimizer_state_logical_specs(opt_state: Any, params: Any,
                                    param_specs: Any, tx: optax.GradientTransformation
@@ -104,7 +104,7 @@ class StateLayout:
 
 def _make_init_fn(model: Model, optimizer: Optimizer, feature_lengths: Mapping[str, int]
                   ) -> Callable[[jax.Array], TrainState]:
-    shape_kwargs = init_shape_kwargs(feature_lengths)
+    shape_kwargs = model.init_lengths(feature_lengths)
 
     def init(rng: jax.Array) -> TrainState:
         params = nn.unbox(model.init_params(rng, batch_size=1, **shape_kwargs))
@@ -116,7 +116,7 @@ def _make_init_fn(model: Model, optimizer: Optimizer, feature_lengths: Mapping[s
 def state_layout(*, model: Model, optimizer: Optimizer, partitioner: Partitioner,
                  feature_lengths: Mapping[str, int]) -> StateLayout:
     """Traces init abstractly and derives the state's shardings. Cheap: no FLOPs."""
-    shape_kwargs = init_shape_kwargs(feature_lengths)
+    shape_kwargs = model.init_lengths(feature_lengths)
     rng = jax.random.key(0)
     with partitioner.context():
         boxed = jax.eval_shape(

@@ -16,6 +16,7 @@ import pytest
 
 from t5x_like.models import attention
 from t5x_like.models import decoder
+from t5x_like.models import layers
 
 
 def decoder_attention_mask(tokens, segment_ids, causal_attention):
@@ -134,8 +135,8 @@ def test_scanned_and_unscanned_give_the_same_loss_and_grads():
   b = _packed_row()
   flat = _params()
   scan_cfg = dataclasses.replace(TINY, scan_layers=True, remat_policy='save_dots')
-  scanned = decoder.scan_params(flat, TINY.num_layers)
-  jax.tree.map(np.testing.assert_array_equal, decoder.unscan_params(scanned, TINY.num_layers), flat)
+  scanned = layers.scan_params(flat, TINY.num_layers)
+  jax.tree.map(np.testing.assert_array_equal, layers.unscan_params(scanned, TINY.num_layers), flat)
   # The scanned init really has a leading 'layers' axis named for partitioning.
   boxed = jax.eval_shape(functools.partial(decoder.DecoderOnlyModel(config=scan_cfg).init_params,
                                            batch_size=1, decoder_length=4), jax.random.key(0))
@@ -147,7 +148,7 @@ def test_scanned_and_unscanned_give_the_same_loss_and_grads():
   loss_b, grads_b = grad(scan_cfg)(scanned)
   np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7),
-               decoder.scan_params(grads_a, TINY.num_layers), grads_b)
+               layers.scan_params(grads_a, TINY.num_layers), grads_b)
 
 
 @pytest.mark.parametrize('policy', ['full', 'save_dots_no_batch'])

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5x_like.models import layers
+from t5x_like.models import t5_layers
 from t5x_like.models import losses
 from t5x_like.models import t5
 
@@ -191,7 +191,7 @@ def _reference_bucket(rel, bidirectional, num_buckets, max_distance):
 def test_relative_position_bucket_matches_reference(num_buckets, max_distance, bidirectional):
   rel = np.arange(-400, 401)
   got = np.asarray(
-      layers.relative_position_bucket(
+      t5_layers.relative_position_bucket(
           jnp.asarray(rel), bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
       )
   )
@@ -201,7 +201,7 @@ def test_relative_position_bucket_matches_reference(num_buckets, max_distance, b
 
 
 def test_relative_position_bucket_known_values():
-  b = lambda r, bi: int(layers.relative_position_bucket(jnp.asarray(r), bidirectional=bi))
+  b = lambda r, bi: int(t5_layers.relative_position_bucket(jnp.asarray(r), bidirectional=bi))
   # Encoder: keys before the query use buckets 0..15, keys after it 16..31.
   assert [b(0, True), b(-1, True), b(1, True), b(-7, True), b(-8, True)] == [0, 1, 17, 7, 8]
   assert b(-1000, True) == 15 and b(1000, True) == 31

@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import flax.linen as nn
 import numpy as np
 
 from t5x_like.hf import safetensors_io
-from t5x_like.models import decoder
+from t5x_like.models import decoder, layers
 
 # (HF name under model.layers.{i}., our path under layers_{i}, kind)
 _LAYER_TENSORS = (
@@ -147,12 +148,10 @@ def import_checkpoint(directory: str, *, shardings: Any = None, **config_overrid
 def export_checkpoint(params: Any, cfg: decoder.DecoderConfig, directory: str, *,
                       dtype=np.float32) -> None:
     """Writes config.json + model.safetensors that LlamaForCausalLM.from_pretrained loads."""
-    flat = safetensors_io.to_numpy_tree(params)
+    params = nn.unbox(params)
     if cfg.scan_layers:
-        for key in [k for k in flat if k[0] == 'layers']:
-            stacked = flat.pop(key)
-            for i in range(cfg.num_layers):
-                flat[(f'layers_{i}',) + key[1:]] = stacked[i]
+        params = layers.unscan_params(params, cfg.num_layers)
+    flat = safetensors_io.to_numpy_tree(params)
     tensors = {
         'model.embed_tokens.weight': flat.pop(('token_embedder', 'embedding')),
         'model.norm.weight': flat.pop(('decoder_norm', 'scale')),

@@ -42,7 +42,8 @@ class SafetensorsReader:
                     f'{directory} holds only pickled PyTorch weights, which are never loaded here '
                     '(unpickling can run arbitrary code). Re-save it with safetensors, e.g. '
                     'model.save_pretrained(dir, safe_serialization=True).')
-            raise FileNotFoundError(f'No {SINGLE_FILE} or {INDEX_FILE} in {directory} (found {found}).')
+            raise FileNotFoundError(
+                f'No {SINGLE_FILE} or {INDEX_FILE} in {directory} (found {found}).')
         self._handles = {}
         self._file_of = {}
         for name in files:

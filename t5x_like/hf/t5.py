@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import flax.linen as nn
 import numpy as np
 
 from t5x_like.hf import safetensors_io
@@ -33,27 +34,38 @@ def _mlp_names(cfg: t5.T5Config) -> tuple[tuple[str, str], ...]:
     return (('wi_0', 'wi_0'), ('wi_1', 'wi_1'), ('wo', 'wo'))
 
 
+_SUBLAYERS = {  # stack -> (HF attention, our attention, our norm) in block order
+    'encoder': (('SelfAttention', 'attention', 'pre_attention_layer_norm'),),
+    'decoder': (('SelfAttention', 'self_attention', 'pre_self_attention_layer_norm'),
+                ('EncDecAttention', 'encoder_decoder_attention',
+                 'pre_cross_attention_layer_norm')),
+}
+
+
 def _layer_map(cfg: t5.T5Config) -> list[tuple[str, tuple[str, ...], str]]:
     """(HF name, our path, kind) for every tensor but embeddings and lm_head."""
     out = []
-    for stack, n_layers in (('encoder', cfg.num_encoder_layers), ('decoder', cfg.num_decoder_layers)):
-        sublayers = ([('SelfAttention', 'attention', 'pre_attention_layer_norm')] if stack == 'encoder'
-                     else [('SelfAttention', 'self_attention', 'pre_self_attention_layer_norm'),
-                           ('EncDecAttention', 'encoder_decoder_attention', 'pre_cross_attention_layer_norm')])
+    for stack, n_layers in (('encoder', cfg.num_encoder_layers),
+                            ('decoder', cfg.num_decoder_layers)):
+        sublayers = _SUBLAYERS[stack]
         for i in range(n_layers):
             hf_block, ours = f'{stack}.block.{i}.layer', (stack, f'layers_{i}')
             for j, (hf_attn, our_attn, norm) in enumerate(sublayers):
                 for hf_p, our_p, kind in _ATTENTION:
-                    out.append((f'{hf_block}.{j}.{hf_attn}.{hf_p}.weight', ours + (our_attn, our_p, 'kernel'), kind))
-                out.append((f'{hf_block}.{j}.layer_norm.weight', ours + (norm, 'scale'), 'vector'))
+                    out.append((f'{hf_block}.{j}.{hf_attn}.{hf_p}.weight',
+                                ours + (our_attn, our_p, 'kernel'), kind))
+                out.append((f'{hf_block}.{j}.layer_norm.weight', ours + (norm, 'scale'),
+                            'vector'))
             j = len(sublayers)
             for hf_p, our_p in _mlp_names(cfg):
-                out.append((f'{hf_block}.{j}.DenseReluDense.{hf_p}.weight', ours + ('mlp', our_p, 'kernel'),
-                            'linear'))
-            out.append((f'{hf_block}.{j}.layer_norm.weight', ours + ('pre_mlp_layer_norm', 'scale'), 'vector'))
+                out.append((f'{hf_block}.{j}.DenseReluDense.{hf_p}.weight',
+                            ours + ('mlp', our_p, 'kernel'), 'linear'))
+            out.append((f'{hf_block}.{j}.layer_norm.weight',
+                        ours + ('pre_mlp_layer_norm', 'scale'), 'vector'))
         out.append((f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight',
                     (stack, 'relpos_bias', 'rel_embedding'), 'vector'))
-        out.append((f'{stack}.final_layer_norm.weight', (stack, f'{stack}_norm', 'scale'), 'vector'))
+        out.append((f'{stack}.final_layer_norm.weight', (stack, f'{stack}_norm', 'scale'),
+                    'vector'))
     return out
 
 
@@ -147,6 +159,9 @@ def import_checkpoint(directory: str, *, shardings: Any = None, **config_overrid
 
 def export_checkpoint(params: Any, cfg: t5.T5Config, directory: str, *, dtype=np.float32) -> None:
     """Writes config.json + model.safetensors that T5ForConditionalGeneration loads."""
+    params = nn.unbox(params)
+    if cfg.scan_layers:
+        params = t5.unscan_params(params, cfg)
     flat = safetensors_io.to_numpy_tree(params)
     shared = flat.pop(('token_embedder', 'embedding'))
     tensors = {'shared.weight': shared}

@@ -56,7 +56,8 @@ def choose_implementation(
 ) -> str:
     """The implementation that will really run, logging why if it differs."""
     if requested not in IMPLEMENTATIONS:
-        raise ValueError(f'attention implementation {requested!r}; choose one of {IMPLEMENTATIONS}.')
+        raise ValueError(f'attention implementation {requested!r}; choose one of '
+                         f'{IMPLEMENTATIONS}.')
     if requested in ('xla', 'jax_xla'):
         if dropout and requested == 'jax_xla':
             _warn_once('attention: jax_xla has no attention-weight dropout; using xla.')
@@ -70,7 +71,8 @@ def choose_implementation(
         if backend != 'gpu':
             reason = f'cudnn needs a GPU (backend is {backend})'
         elif jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-            reason = f'cudnn flash attention needs bf16/fp16 inputs (compute dtype is {jnp.dtype(dtype)})'
+            reason = ('cudnn flash attention needs bf16/fp16 inputs (compute dtype is '
+                      f'{jnp.dtype(dtype)})')
     elif requested == 'splash':
         if backend != 'tpu':
             reason = f'splash attention needs a TPU (backend is {backend})'
@@ -98,7 +100,8 @@ def dense_mask(
     - causal: key index <= query index,
     - prefix (prefix LM, seqio `decoder_causal_attention`): additionally allowed
       when both query and key lie in the prefix region (bidirectional there),
-    - segment ids: never across segments, never to or from segment 0 (padding).
+    - segment ids: never across segments, never to or from segment 0 (padding);
+      with key segment ids alone (unpacked queries), only padding keys are masked.
     """
     mask = None
     if causal:
@@ -106,11 +109,14 @@ def dense_mask(
         if prefix_BxL is not None:
             prefix = prefix_BxL > 0
             mask = mask | (prefix[:, None, :, None] & prefix[:, None, None, :])
-    if q_segment_ids is not None and kv_segment_ids is not None:
-        q = q_segment_ids[:, None, :, None]
+    if kv_segment_ids is not None:
         k = kv_segment_ids[:, None, None, :]
-        same = (q == k) & (q > 0) & (k > 0)
-        mask = same if mask is None else mask & same
+        if q_segment_ids is None:
+            allowed = k > 0
+        else:
+            q = q_segment_ids[:, None, :, None]
+            allowed = (q == k) & (q > 0) & (k > 0)
+        mask = allowed if mask is None else mask & allowed
     return mask
 
 

@@ -24,23 +24,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_like.models import attention
-from t5x_like.models import layers
-from t5x_like.models import losses
+from t5x_like.models import attention, layers, losses
 
 Array = jax.Array
 
-BLHK = ('batch', 'length', 'heads', 'kv')
 BLGK = ('batch', 'length', 'kv_heads', 'kv')
-
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,8 +70,7 @@ class DecoderConfig:
                              f'num_kv_heads={self.num_kv_heads}.')
         if self.head_dim % 2:
             raise ValueError(f'rotary embeddings need an even head_dim, got {self.head_dim}.')
-        if self.remat_policy not in layers.REMAT_POLICIES:
-            raise ValueError(f'remat_policy {self.remat_policy!r}; choose one of {sorted(layers.REMAT_POLICIES)}.')
+        layers.check_remat_policy(self.remat_policy)
         if self.attention_impl not in attention.IMPLEMENTATIONS:
             raise ValueError(f'attention_impl {self.attention_impl!r}; choose one of '
                              f'{attention.IMPLEMENTATIONS}.')
@@ -85,44 +80,14 @@ class DecoderConfig:
         return jnp.dtype(self.dtype)
 
 
-# ----------------------------------------------------------------------------
-# Rotary position embeddings
-
-
 def rope_inverse_frequencies(config: DecoderConfig) -> np.ndarray:
-    """theta**(-2i/D) for i < D/2, with optional Llama-3 long-context rescaling.
-
-    The Llama-3 rule leaves high frequencies (wavelength shorter than
-    original_max_position / high_freq_factor) alone, divides low frequencies
-    (wavelength longer than original_max_position / low_freq_factor) by `factor`,
-    and interpolates linearly in between.
-    """
-    d = config.head_dim
-    inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-    if config.rope_scaling_factor == 1.0:
-        return inv.astype(np.float32)
-    factor, orig = config.rope_scaling_factor, config.rope_original_max_position
-    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
-    wavelength = 2 * math.pi / inv
-    smooth = np.clip((orig / wavelength - low) / (high - low), 0.0, 1.0)
-    scaled = (1 - smooth) * inv / factor + smooth * inv
-    return scaled.astype(np.float32)
-
-
-def rope_tables(positions_BxL: Array, config: DecoderConfig) -> tuple[Array, Array]:
-    """cos and sin, float32 [B, L, head_dim/2], for integer positions."""
-    inv_freq = jnp.asarray(rope_inverse_frequencies(config))
-    angles = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x_BxLxHxD: Array, cos_BxLxF: Array, sin_BxLxF: Array) -> Array:
-    """Rotates feature pairs (i, i + D/2) by position-dependent angles, in float32."""
-    x = x_BxLxHxD.astype(jnp.float32)
-    first, second = jnp.split(x, 2, axis=-1)
-    cos, sin = cos_BxLxF[:, :, None, :], sin_BxLxF[:, :, None, :]
-    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-    return rotated.astype(x_BxLxHxD.dtype)
+    """The rotary frequencies of `config` (see `layers.rope_inverse_frequencies`)."""
+    return layers.rope_inverse_frequencies(
+        head_dim=config.head_dim, theta=config.rope_theta,
+        scaling_factor=config.rope_scaling_factor,
+        low_freq_factor=config.rope_low_freq_factor,
+        high_freq_factor=config.rope_high_freq_factor,
+        original_max_position=config.rope_original_max_position)
 
 
 # ----------------------------------------------------------------------------
@@ -147,8 +112,8 @@ class GroupedQueryAttention(nn.Module):
                                     kernel_axes=('embed', 'kv_heads', 'kv'))
         k = kv_proj(name='key')(x_BxLxD)
         v = kv_proj(name='value')(x_BxLxD)
-        q = nn.with_logical_constraint(apply_rope(q, cos, sin), BLHK)
-        k = nn.with_logical_constraint(apply_rope(k, cos, sin), BLGK)
+        q = nn.with_logical_constraint(layers.apply_rope(q, cos, sin), layers.BLHK)
+        k = nn.with_logical_constraint(layers.apply_rope(k, cos, sin), BLGK)
         v = nn.with_logical_constraint(v, BLGK)
         ctx = attention.attend(
             q, k, v,
@@ -159,32 +124,12 @@ class GroupedQueryAttention(nn.Module):
             prefix_BxL=prefix_BxL,
             dtype=dtype,
         )
-        ctx = nn.with_logical_constraint(ctx, BLHK)
+        ctx = nn.with_logical_constraint(ctx, layers.BLHK)
         out = layers.DenseGeneral(
             features=d, axis=(-2, -1), kernel_axes=('heads', 'kv', 'embed'),
             kernel_init=layers.truncated_normal_init((cfg.num_heads * cfg.head_dim) ** -0.5),
             dtype=dtype, name='out',
         )(ctx)
-        return nn.with_logical_constraint(out, layers.BLE)
-
-
-class SwiGluMlp(nn.Module):
-    """wo(silu(wi_0 x) * wi_1 x): LLaMA's gated feed-forward."""
-
-    config: DecoderConfig
-
-    @nn.compact
-    def __call__(self, x_BxLxD):
-        cfg = self.config
-        dense = functools.partial(
-            layers.DenseGeneral, features=cfg.mlp_dim, kernel_axes=('embed', 'mlp'),
-            kernel_init=layers.truncated_normal_init(cfg.emb_dim**-0.5), dtype=cfg.compute_dtype)
-        h = nn.silu(dense(name='wi_0')(x_BxLxD)) * dense(name='wi_1')(x_BxLxD)
-        h = nn.with_logical_constraint(h, layers.BLM)
-        out = layers.DenseGeneral(
-            features=cfg.emb_dim, kernel_axes=('mlp', 'embed'),
-            kernel_init=layers.truncated_normal_init(cfg.mlp_dim**-0.5),
-            dtype=cfg.compute_dtype, name='wo')(h)
         return nn.with_logical_constraint(out, layers.BLE)
 
 
@@ -205,7 +150,11 @@ class DecoderBlock(nn.Module):
             h, cos, sin, segment_ids_BxL, prefix_BxL, deterministic=self.deterministic)
         x_BxLxD = x_BxLxD + drop(h)
         h = norm(name='pre_mlp_norm')(x_BxLxD)
-        x_BxLxD = x_BxLxD + drop(SwiGluMlp(config=cfg, name='mlp')(h))
+        # LLaMA drops out on the residual branches only, not inside the MLP.
+        h = layers.MlpBlock(emb_dim=cfg.emb_dim, mlp_dim=cfg.mlp_dim, dropout_rate=0.0,
+                            dtype=dtype, activation='gated-silu', name='mlp',
+                            )(h, enable_dropout=False)
+        x_BxLxD = x_BxLxD + drop(h)
         return nn.with_logical_constraint(x_BxLxD, layers.BLE), None
 
 
@@ -233,32 +182,18 @@ class Decoder(nn.Module):
                                 embedding_init=nn.initializers.normal(stddev=embed_std),
                                 name='token_embedder')
         if decoder_positions is None:
-            decoder_positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        cos, sin = rope_tables(decoder_positions, cfg)
+            decoder_positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32),
+                                                 (batch, length))
+        cos, sin = layers.rope_tables(decoder_positions, rope_inverse_frequencies(cfg))
 
         x = embedder(decoder_input_tokens).astype(dtype)
         x = nn.with_logical_constraint(x, layers.BLE)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout)
 
-        block_cls = DecoderBlock
-        policy = layers.REMAT_POLICIES[cfg.remat_policy]
-        if cfg.remat_policy != 'none':
-            block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not cfg.scan_layers)
-        broadcast = (cos, sin, decoder_segment_ids, decoder_causal_attention)
-        if cfg.scan_layers:
-            stack = nn.scan(
-                block_cls,
-                variable_axes={'params': 0},
-                split_rngs={'params': True, 'dropout': True},
-                in_axes=(nn.broadcast,) * len(broadcast),
-                length=cfg.num_layers,
-                metadata_params={nn.PARTITION_NAME: 'layers'},
-            )(config=cfg, deterministic=not enable_dropout, name='layers')
-            x, _ = stack(x, *broadcast)
-        else:
-            for i in range(cfg.num_layers):
-                x, _ = block_cls(config=cfg, deterministic=not enable_dropout, name=f'layers_{i}')(
-                    x, *broadcast)
+        x = layers.apply_stack(
+            DecoderBlock, x, cos, sin, decoder_segment_ids, decoder_causal_attention,
+            num_layers=cfg.num_layers, scan_layers=cfg.scan_layers,
+            remat_policy=cfg.remat_policy, config=cfg, deterministic=not enable_dropout)
 
         x = layers.RMSNorm(dtype=dtype, epsilon=cfg.norm_epsilon, name='decoder_norm')(x)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout)
@@ -270,26 +205,6 @@ class Decoder(nn.Module):
                 kernel_init=layers.truncated_normal_init(cfg.emb_dim**-0.5),
                 dtype=dtype, out_dtype=jnp.float32, name='logits_dense')(x)
         return nn.with_logical_constraint(logits.astype(jnp.float32), layers.BLV)
-
-
-# ----------------------------------------------------------------------------
-# Scanned <-> unscanned parameter layout
-
-
-def scan_params(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-    """Unscanned tree (layers_0..layers_{N-1}) -> scanned ('layers', leading axis)."""
-    out = {k: v for k, v in params.items() if not k.startswith('layers_')}
-    per_layer = [params[f'layers_{i}'] for i in range(num_layers)]
-    out['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
-    return out
-
-
-def unscan_params(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-    """Scanned tree -> unscanned; the exact inverse of `scan_params`."""
-    out = {k: v for k, v in params.items() if k != 'layers'}
-    for i in range(num_layers):
-        out[f'layers_{i}'] = jax.tree.map(lambda x, i=i: x[i], params['layers'])
-    return out
 
 
 # ----------------------------------------------------------------------------
@@ -312,6 +227,14 @@ class DecoderOnlyModel:
     @property
     def module(self) -> Decoder:
         return Decoder(config=self.config)
+
+    def init_lengths(self, feature_lengths: Mapping[str, int]) -> dict[str, int]:
+        """The `init_params` lengths for batches with these (seqio) feature lengths."""
+        return {'decoder_length': feature_lengths['decoder_target_tokens']}
+
+    def count_real_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
+        """Non-padding target tokens in a host batch (prefix LM: the prefix too)."""
+        return int(np.count_nonzero(batch['decoder_target_tokens']))
 
     def init_params(self, rng: Array, *, batch_size: int, decoder_length: int):
         """Boxed (nn.LogicallyPartitioned) params; cheap under jax.eval_shape."""

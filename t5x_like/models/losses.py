@@ -61,7 +61,8 @@ def cross_entropy_with_z_loss(
     if low > 0:
         sum_logp_BxL = jnp.sum(logits_BxLxV, axis=-1) - vocab_size * log_z_BxL
         ce_BxL = ce_BxL - low * sum_logp_BxL
-    ce_BxL = ce_BxL - label_smoothing_constant(vocab_size=vocab_size, label_smoothing=label_smoothing)
+    ce_BxL = ce_BxL - label_smoothing_constant(vocab_size=vocab_size,
+                                               label_smoothing=label_smoothing)
 
     z_BxL = z_loss * jnp.square(log_z_BxL)
     total_BxL = ce_BxL + z_BxL

@@ -17,15 +17,15 @@ segment wherever the segment starts, and attention never crosses segments.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from t5x_like.models import decoder
-from t5x_like.models import layers
-from t5x_like.models import losses
+from t5x_like.models import attention, layers, losses, t5_layers
 
 Array = jax.Array
 
@@ -54,9 +54,7 @@ class T5Config:
     remat_policy: str = 'none'  # see layers.REMAT_POLICIES
 
     def __post_init__(self):
-        if self.remat_policy not in layers.REMAT_POLICIES:
-            raise ValueError(f'remat_policy {self.remat_policy!r}; choose one of '
-                             f'{sorted(layers.REMAT_POLICIES)}.')
+        layers.check_remat_policy(self.remat_policy)
 
     @property
     def compute_dtype(self) -> Any:
@@ -70,45 +68,29 @@ def _segments_or_nonpad(segment_ids_BxL: Array | None, tokens_BxL: Array) -> Arr
     return (tokens_BxL > 0).astype(jnp.int32)
 
 
-def _run_stack(layer_cls: type[nn.Module], cfg: T5Config, num_layers: int,
-               enable_dropout: bool, x: Array, *broadcast: Array) -> Array:
-    """Applies `num_layers` layers to `x`; `broadcast` inputs are shared by all.
-
-    Unscanned, the layers are `layers_0..N-1`; scanned, one `layers` module whose
-    parameters carry a leading depth axis (logical axis 'layers'). Either way each
-    layer may be rematerialised with `cfg.remat_policy`.
-    """
-    if cfg.remat_policy != 'none':
-        layer_cls = nn.remat(layer_cls, policy=layers.REMAT_POLICIES[cfg.remat_policy],
-                             prevent_cse=not cfg.scan_layers)
-    kwargs = dict(num_heads=cfg.num_heads, head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim,
-                  dropout_rate=cfg.dropout_rate, dtype=cfg.compute_dtype,
-                  mlp_activation=cfg.mlp_activation, attention_impl=cfg.attention_impl,
-                  enable_dropout=enable_dropout)
-    if cfg.scan_layers:
-        stack = nn.scan(layer_cls, variable_axes={'params': 0},
-                        split_rngs={'params': True, 'dropout': True},
-                        in_axes=(nn.broadcast,) * len(broadcast), length=num_layers,
-                        metadata_params={nn.PARTITION_NAME: 'layers'})
-        x, _ = stack(**kwargs, name='layers')(x, *broadcast)
-        return x
-    for i in range(num_layers):
-        x, _ = layer_cls(**kwargs, name=f'layers_{i}')(x, *broadcast)
-    return x
+def _stack(layer_cls: type[nn.Module], cfg: T5Config, num_layers: int,
+           enable_dropout: bool, x: Array, *broadcast: Array) -> Array:
+    """One T5 stack of `num_layers` layers over `x`; see `layers.apply_stack`."""
+    return layers.apply_stack(
+        layer_cls, x, *broadcast, num_layers=num_layers, scan_layers=cfg.scan_layers,
+        remat_policy=cfg.remat_policy, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+        mlp_dim=cfg.mlp_dim, dropout_rate=cfg.dropout_rate, dtype=cfg.compute_dtype,
+        mlp_activation=cfg.mlp_activation, attention_impl=cfg.attention_impl,
+        enable_dropout=enable_dropout)
 
 
 def scan_params(params: Mapping[str, Any], cfg: T5Config) -> dict[str, Any]:
     """Unscanned T5 parameters -> the layout of `scan_layers=True` (both stacks)."""
     return {**params,
-            'encoder': decoder.scan_params(params['encoder'], cfg.num_encoder_layers),
-            'decoder': decoder.scan_params(params['decoder'], cfg.num_decoder_layers)}
+            'encoder': layers.scan_params(params['encoder'], cfg.num_encoder_layers),
+            'decoder': layers.scan_params(params['decoder'], cfg.num_decoder_layers)}
 
 
 def unscan_params(params: Mapping[str, Any], cfg: T5Config) -> dict[str, Any]:
     """The exact inverse of `scan_params`."""
     return {**params,
-            'encoder': decoder.unscan_params(params['encoder'], cfg.num_encoder_layers),
-            'decoder': decoder.unscan_params(params['decoder'], cfg.num_decoder_layers)}
+            'encoder': layers.unscan_params(params['encoder'], cfg.num_encoder_layers),
+            'decoder': layers.unscan_params(params['decoder'], cfg.num_decoder_layers)}
 
 
 class Encoder(nn.Module):
@@ -124,8 +106,10 @@ class Encoder(nn.Module):
         length = tokens_BxL.shape[1]
         drop = nn.Dropout(cfg.dropout_rate)
 
-        mask_Bx1xLxL = layers.segment_mask(segment_ids_BxL, segment_ids_BxL)
-        bias_1xHxLxL = layers.RelativePositionBiases(
+        mask_Bx1xLxL = attention.dense_mask(q_len=length, k_len=length, causal=False,
+                                            q_segment_ids=segment_ids_BxL,
+                                            kv_segment_ids=segment_ids_BxL)
+        bias_1xHxLxL = t5_layers.RelativePositionBiases(
             num_buckets=cfg.relative_attention_num_buckets,
             max_distance=cfg.relative_attention_max_distance,
             num_heads=cfg.num_heads,
@@ -136,8 +120,8 @@ class Encoder(nn.Module):
         x_BxLxD = self.shared_embedding(tokens_BxL).astype(dtype)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, layers.BLE)
         x_BxLxD = drop(x_BxLxD, deterministic=not enable_dropout)
-        x_BxLxD = _run_stack(layers.EncoderLayer, cfg, cfg.num_encoder_layers, enable_dropout,
-                             x_BxLxD, bias_1xHxLxL, mask_Bx1xLxL)
+        x_BxLxD = _stack(t5_layers.EncoderLayer, cfg, cfg.num_encoder_layers, enable_dropout,
+                         x_BxLxD, bias_1xHxLxL, mask_Bx1xLxL)
         x_BxLxD = layers.RMSNorm(dtype=dtype, name='encoder_norm')(x_BxLxD)
         x_BxLxD = drop(x_BxLxD, deterministic=not enable_dropout)
         return nn.with_logical_constraint(x_BxLxD, layers.BLE)
@@ -164,17 +148,17 @@ class Decoder(nn.Module):
         length = tokens_BxL.shape[1]
         drop = nn.Dropout(cfg.dropout_rate)
 
-        causal_1x1xLxL = layers.causal_mask(length)
-        if decoder_segment_ids_BxL is None:
-            # Unpacked: padding sits at the end, so causality alone keeps real tokens
-            # off it (the first input token is id 0 = BOS, so tokens can't mark padding).
-            self_mask = causal_1x1xLxL
-            cross_mask = layers.key_padding_mask(encoder_segment_ids_BxE, length)
-        else:
-            self_mask = causal_1x1xLxL & layers.segment_mask(decoder_segment_ids_BxL, decoder_segment_ids_BxL)
-            cross_mask = layers.segment_mask(decoder_segment_ids_BxL, encoder_segment_ids_BxE)
+        # Unpacked (no decoder segment ids): padding sits at the end, so causality
+        # alone keeps real tokens off it (the first input token is id 0 = BOS, so
+        # tokens can't mark padding), and only padded encoder keys are masked.
+        self_mask = attention.dense_mask(q_len=length, k_len=length, causal=True,
+                                         q_segment_ids=decoder_segment_ids_BxL,
+                                         kv_segment_ids=decoder_segment_ids_BxL)
+        cross_mask = attention.dense_mask(q_len=length, k_len=encoded_BxExD.shape[1],
+                                          causal=False, q_segment_ids=decoder_segment_ids_BxL,
+                                          kv_segment_ids=encoder_segment_ids_BxE)
 
-        bias_1xHxLxL = layers.RelativePositionBiases(
+        bias_1xHxLxL = t5_layers.RelativePositionBiases(
             num_buckets=cfg.relative_attention_num_buckets,
             max_distance=cfg.relative_attention_max_distance,
             num_heads=cfg.num_heads,
@@ -185,8 +169,8 @@ class Decoder(nn.Module):
         y_BxLxD = self.shared_embedding(tokens_BxL).astype(dtype)
         y_BxLxD = nn.with_logical_constraint(y_BxLxD, layers.BLE)
         y_BxLxD = drop(y_BxLxD, deterministic=not enable_dropout)
-        y_BxLxD = _run_stack(layers.DecoderLayer, cfg, cfg.num_decoder_layers, enable_dropout,
-                             y_BxLxD, encoded_BxExD, bias_1xHxLxL, self_mask, cross_mask)
+        y_BxLxD = _stack(t5_layers.DecoderLayer, cfg, cfg.num_decoder_layers, enable_dropout,
+                         y_BxLxD, encoded_BxExD, bias_1xHxLxL, self_mask, cross_mask)
         y_BxLxD = layers.RMSNorm(dtype=dtype, name='decoder_norm')(y_BxLxD)
         y_BxLxD = drop(y_BxLxD, deterministic=not enable_dropout)
 
@@ -228,7 +212,8 @@ class Transformer(nn.Module):
         """Encoder output [B, Le, emb_dim] in the compute dtype."""
         del encoder_positions  # Relative biases need only index differences.
         segments = _segments_or_nonpad(encoder_segment_ids, encoder_input_tokens)
-        return self.encoder(encoder_input_tokens, segment_ids_BxL=segments, enable_dropout=enable_dropout)
+        return self.encoder(encoder_input_tokens, segment_ids_BxL=segments,
+                            enable_dropout=enable_dropout)
 
     def decode(
         self,
@@ -294,7 +279,18 @@ class EncoderDecoderModel:
     def module(self) -> Transformer:
         return Transformer(config=self.config)
 
-    def init_params(self, rng: Array, *, batch_size: int, encoder_length: int, decoder_length: int):
+    def init_lengths(self, feature_lengths: Mapping[str, int]) -> dict[str, int]:
+        """The `init_params` lengths for batches with these (seqio) feature lengths."""
+        return {'encoder_length': feature_lengths['encoder_input_tokens'],
+                'decoder_length': feature_lengths['decoder_target_tokens']}
+
+    def count_real_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
+        """Non-padding tokens in a host batch: encoder inputs plus decoder targets."""
+        return int(np.count_nonzero(batch['encoder_input_tokens'])
+                   + np.count_nonzero(batch['decoder_target_tokens']))
+
+    def init_params(self, rng: Array, *, batch_size: int, encoder_length: int,
+                    decoder_length: int):
         """Boxed (nn.LogicallyPartitioned) params; cheap under jax.eval_shape.
 
         Under jax.eval_shape, bind the int arguments with functools.partial so they

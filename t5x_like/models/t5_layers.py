@@ -1,0 +1,267 @@
+"""The layers only T5 uses: its attention, relative position biases, and the
+encoder and decoder layers built from them (Flax Linen).
+
+T5 (Mesh TensorFlow) initialisation: attention logits are *not* divided by
+sqrt(head_dim); instead the query kernel starts smaller. The layer modules
+(`EncoderLayer`, `DecoderLayer`) take the shared relative position bias and masks
+as arguments, so `layers.apply_stack` can loop or `nn.scan` over them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5x_like.models import attention
+from t5x_like.models.layers import (BLE, BLHK, DenseGeneral, MlpBlock, RMSNorm,
+                                    truncated_normal_init)
+
+Array = jax.Array
+
+
+def fan_avg_uniform_init(key, shape, dtype=jnp.float32):
+    """Glorot-uniform over the two axes of a 2-D table (used for relpos biases)."""
+    fan_avg = (shape[0] + shape[1]) / 2.0
+    limit = math.sqrt(3.0 / fan_avg)
+    return jax.random.uniform(key, shape, jnp.float32, -limit, limit).astype(dtype)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+    """Multi-head attention with T5 scaling (none on logits; smaller q init).
+
+    `mask_Bx1xQxK` is boolean (True = may attend) and broadcastable;
+    `bias_1xHxQxK` is an additive float32 bias (relative positions) or None.
+    """
+
+    num_heads: int
+    head_dim: int
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+    attention_impl: str = 'xla'  # see models/attention.py
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs_q_BxQxD: Array,
+        inputs_kv_BxKxD: Array,
+        *,
+        mask_Bx1xQxK: Array | None,
+        bias_1xHxQxK: Array | None,
+        enable_dropout: bool,
+    ) -> Array:
+        emb_dim = inputs_q_BxQxD.shape[-1]
+        inner_dim = self.num_heads * self.head_dim
+        proj = functools.partial(
+            DenseGeneral,
+            features=(self.num_heads, self.head_dim),
+            kernel_axes=('embed', 'heads', 'kv'),
+            dtype=self.dtype,
+        )
+        q_init = truncated_normal_init((emb_dim * self.head_dim) ** -0.5)
+        kv_init = truncated_normal_init(emb_dim**-0.5)
+        q_BxQxHxK = proj(kernel_init=q_init, name='query')(inputs_q_BxQxD)
+        k_BxKxHxK = proj(kernel_init=kv_init, name='key')(inputs_kv_BxKxD)
+        v_BxKxHxK = proj(kernel_init=kv_init, name='value')(inputs_kv_BxKxD)
+        q_BxQxHxK = nn.with_logical_constraint(q_BxQxHxK, BLHK)
+        k_BxKxHxK = nn.with_logical_constraint(k_BxKxHxK, BLHK)
+        v_BxKxHxK = nn.with_logical_constraint(v_BxKxHxK, BLHK)
+
+        dropout_fn = None
+        if enable_dropout and self.dropout_rate > 0:
+            dropout_fn = functools.partial(nn.Dropout(self.dropout_rate), deterministic=False)
+        # T5 scales nothing: the 1/sqrt(head_dim) lives in the query init instead.
+        ctx_BxQxHxK = attention.attend(
+            q_BxQxHxK, k_BxKxHxK, v_BxKxHxK,
+            implementation=self.attention_impl,
+            scale=1.0,
+            causal=False,
+            mask_Bx1xQxK=mask_Bx1xQxK,
+            bias_1xHxQxK=bias_1xHxQxK,
+            dropout_fn=dropout_fn,
+            dtype=self.dtype,
+        )
+        ctx_BxQxHxK = nn.with_logical_constraint(ctx_BxQxHxK, BLHK)
+        out_BxQxD = DenseGeneral(
+            features=emb_dim,
+            axis=(-2, -1),
+            kernel_axes=('heads', 'kv', 'embed'),
+            kernel_init=truncated_normal_init(inner_dim**-0.5),
+            dtype=self.dtype,
+            name='out',
+        )(ctx_BxQxHxK)
+        return nn.with_logical_constraint(out_BxQxD, BLE)
+
+
+# ----------------------------------------------------------------------------
+# Relative position biases
+# ----------------------------------------------------------------------------
+
+
+def _bucket_of_distance(n: int, *, num_buckets: int, max_distance: int) -> int:
+    """Bucket for a non-negative distance n within a half of the bucket range.
+
+    The first half of the buckets holds exact distances 0..max_exact-1; the rest
+    cover max_exact..max_distance on a log scale; beyond that, the last bucket.
+    """
+    max_exact = num_buckets // 2
+    if n < max_exact:
+        return n
+    log_ratio = math.log(n / max_exact) / math.log(max_distance / max_exact)
+    return min(max_exact + int(log_ratio * (num_buckets - max_exact)), num_buckets - 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _distance_bucket_table(num_buckets: int, max_distance: int) -> np.ndarray:
+    """Buckets for distances 0..max_distance (everything further maps like max_distance).
+
+    Built on the host in float64 once, so the traced computation is an exact table
+    look-up (no float32 log rounding at bucket boundaries).
+    """
+    return np.asarray(
+        [
+            _bucket_of_distance(n, num_buckets=num_buckets, max_distance=max_distance)
+            for n in range(max_distance + 1)
+        ],
+        dtype=np.int32,
+    )
+
+
+def relative_position_bucket(
+    relative_position: Array,
+    *,
+    bidirectional: bool,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+) -> Array:
+    """Maps (key_position - query_position) to a bucket id in [0, num_buckets).
+
+    Bidirectional (encoder): half of the buckets for keys before the query, half
+    for keys after it (offset by num_buckets // 2). Unidirectional (decoder): keys
+    after the query all share bucket 0 (they are masked anyway).
+    """
+    rel = jnp.asarray(relative_position, jnp.int32)
+    distance_back = -rel  # >0 when the key precedes the query.
+    if bidirectional:
+        half = num_buckets // 2
+        offset = jnp.where(distance_back < 0, half, 0)
+        distance = jnp.abs(distance_back)
+    else:
+        half = num_buckets
+        offset = jnp.zeros_like(distance_back)
+        distance = jnp.maximum(distance_back, 0)
+    table = jnp.asarray(_distance_bucket_table(half, max_distance))
+    return offset + table[jnp.minimum(distance, max_distance)]
+
+
+class RelativePositionBiases(nn.Module):
+    """Learned per-head scalar bias for each relative-position bucket (T5).
+
+    One instance per stack; its output is shared by all the stack's layers. The
+    bias depends only on key_index - query_index, which is unchanged inside a
+    packed segment, so packing needs no positions here.
+    """
+
+    num_buckets: int
+    max_distance: int
+    num_heads: int
+    bidirectional: bool
+
+    @nn.compact
+    def __call__(self, q_len: int, k_len: int) -> Array:
+        table_RxH = self.param(
+            'rel_embedding',
+            nn.with_logical_partitioning(fan_avg_uniform_init, ('relpos_buckets', 'heads')),
+            (self.num_buckets, self.num_heads),
+            jnp.float32,
+        )
+        rel_QxK = (jnp.arange(k_len, dtype=jnp.int32)[None, :]
+                   - jnp.arange(q_len, dtype=jnp.int32)[:, None])
+        buckets_QxK = relative_position_bucket(
+            rel_QxK,
+            bidirectional=self.bidirectional,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+        )
+        bias_QxKxH = jnp.take(table_RxH, buckets_QxK, axis=0)
+        return jnp.transpose(bias_QxKxH, (2, 0, 1))[None]
+
+
+# ----------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------
+
+
+class _Layer(nn.Module):
+    """What T5's encoder and decoder layers share: sizes, and the residual MLP block."""
+
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+    mlp_activation: str = 'gated-gelu'
+    attention_impl: str = 'xla'
+    enable_dropout: bool = False
+
+    def _attention(self, name: str) -> MultiHeadDotProductAttention:
+        return MultiHeadDotProductAttention(
+            num_heads=self.num_heads, head_dim=self.head_dim, dropout_rate=self.dropout_rate,
+            dtype=self.dtype, attention_impl=self.attention_impl, name=name)
+
+    def _mlp_residual(self, x_BxLxD: Array, drop: nn.Dropout) -> Array:
+        h = RMSNorm(dtype=self.dtype, name='pre_mlp_layer_norm')(x_BxLxD)
+        h = MlpBlock(emb_dim=x_BxLxD.shape[-1], mlp_dim=self.mlp_dim,
+                     dropout_rate=self.dropout_rate, dtype=self.dtype,
+                     activation=self.mlp_activation, name='mlp',
+                     )(h, enable_dropout=self.enable_dropout)
+        x_BxLxD = x_BxLxD + drop(h, deterministic=not self.enable_dropout)
+        return nn.with_logical_constraint(x_BxLxD, BLE)
+
+
+class EncoderLayer(_Layer):
+    """Pre-norm self-attention + gated MLP block, each with a residual.
+
+    `(x, bias, mask) -> (x, None)`: the shape `nn.scan` stacks, so the same layer
+    runs in a Python loop or scanned over depth.
+    """
+
+    @nn.compact
+    def __call__(self, x_BxLxD: Array, bias_1xHxLxL: Array, mask_Bx1xLxL: Array
+                 ) -> tuple[Array, None]:
+        drop = nn.Dropout(self.dropout_rate)
+        h = RMSNorm(dtype=self.dtype, name='pre_attention_layer_norm')(x_BxLxD)
+        h = self._attention('attention')(h, h, mask_Bx1xQxK=mask_Bx1xLxL,
+                                         bias_1xHxQxK=bias_1xHxLxL,
+                                         enable_dropout=self.enable_dropout)
+        x_BxLxD = x_BxLxD + drop(h, deterministic=not self.enable_dropout)
+        return self._mlp_residual(x_BxLxD, drop), None
+
+
+class DecoderLayer(_Layer):
+    """Pre-norm causal self-attention, cross-attention and gated MLP blocks.
+
+    `(y, encoded, bias, self_mask, cross_mask) -> (y, None)`, scannable like
+    EncoderLayer.
+    """
+
+    @nn.compact
+    def __call__(self, y_BxLxD: Array, encoded_BxExD: Array, bias_1xHxLxL: Array,
+                 self_mask_Bx1xLxL: Array, cross_mask_Bx1xLxE: Array) -> tuple[Array, None]:
+        drop = nn.Dropout(self.dropout_rate)
+        h = RMSNorm(dtype=self.dtype, name='pre_self_attention_layer_norm')(y_BxLxD)
+        h = self._attention('self_attention')(h, h, mask_Bx1xQxK=self_mask_Bx1xLxL,
+                                              bias_1xHxQxK=bias_1xHxLxL,
+                                              enable_dropout=self.enable_dropout)
+        y_BxLxD = y_BxLxD + drop(h, deterministic=not self.enable_dropout)
+        h = RMSNorm(dtype=self.dtype, name='pre_cross_attention_layer_norm')(y_BxLxD)
+        h = self._attention('encoder_decoder_attention')(
+            h, encoded_BxExD, mask_Bx1xQxK=cross_mask_Bx1xLxE, bias_1xHxQxK=None,
+            enable_dropout=self.enable_dropout)
+        y_BxLxD = y_BxLxD + drop(h, deterministic=not self.enable_dropout)
+        return self._mlp_residual(y_BxLxD, drop), None
