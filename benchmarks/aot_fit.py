@@ -39,8 +39,8 @@ MODELS = {
 }
 ADAMW_GIN = """from __gin__ import dynamic_registration
 from t5x_like import optimizers
-from t5x_like import train as train_lib
-train_lib.train.optimizer = @optimizers.adamw()
+from t5x_like import run_config
+run_config.RunConfig.optimizer = @optimizers.adamw()
 optimizers.adamw.learning_rate = @optimizers.warmup_cosine_schedule()
 optimizers.warmup_cosine_schedule:
   peak_learning_rate = 3e-4
@@ -53,7 +53,7 @@ def run_one(model: str, tpu: str, timeout: int, gin_dir: str) -> dict:
     spec = MODELS[model]
     out = os.path.join(gin_dir, f"{model}_{tpu}.json")
     cmd = [sys.executable, "-m", "launch.compile", f"--topology={tpu}",
-           f"--gin_file=configs/models/{model}.gin",
+           "--gin_file=configs/base.gin", f"--gin_file=configs/models/{model}.gin",
            "--gin_file=configs/partitioning/fsdp.gin", f"--gin_search_paths={gin_dir}",
            f"--batch_size={spec['per_device'] * SLICES[tpu]}", f"--json_out={out}",
            *spec["flags"]]

@@ -4,8 +4,9 @@
       --gin_file=configs/models/t5_1_1_xl.gin --gin_file=configs/partitioning/fsdp.gin \
       --topology=v5p-128 [--num_slices=2] [--gin.BATCH_SIZE=512]
 
-Prints per-device memory against the chip's HBM and FLOPs per step; exits 1 when it
-does not fit. `--search` finds the largest batch per data shard that fits, once per
+Compiles the run `launch.train` would run with the same flags. Prints per-device
+memory against the chip's HBM and FLOPs per step; exits 1 when it does not fit.
+`--search` finds the largest batch per data shard that fits, once per
 `--search_bindings=LABEL:BINDING[;BINDING...]` (e.g. one per remat policy). Needs
 libtpu: pip install -e ".[tpu]". The logic is in t5x_like/aot.py.
 """
@@ -16,35 +17,33 @@ import argparse
 import os
 import sys
 
+from t5x_like import launcher
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")   # compile-only: never claim a local TPU
 
 
 def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    from t5x_like.gin_config import split_gin_shorthand
-    argv, shorthand = split_gin_shorthand(argv)
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gin_file", action="append", default=[], help="Repeatable.")
-    p.add_argument("--gin_bindings", action="append", default=[], help="Repeatable.")
-    p.add_argument("--gin_search_paths", action="append", default=[])
+    p = launcher.flag_parser(__doc__)
     p.add_argument("--topology", required=True,
                    help="v5p-128, v4-32, v5litepod-16, v6e-64, v5e:4x4, 2xv5p-128, ...")
-    p.add_argument("--num_slices", type=int, default=1, help="Slices joined over DCN.")
-    p.add_argument("--batch_size", type=int, help="Global batch (default: gin BATCH_SIZE).")
-    p.add_argument("--feature_lengths", help="Task lengths, e.g. inputs=512,targets=114 "
-                   "(default: gin TASK_FEATURE_LENGTHS).")
-    p.add_argument("--feature_converter", choices=["enc_dec", "lm", "prefix_lm"])
-    p.add_argument("--search", action="store_true", help="Find the largest batch that fits.")
+    p.add_argument("--num_slices", type=int, default=1, help="slices joined over DCN")
+    p.add_argument("--batch_size", type=int, help="global batch (default: the run's)")
+    p.add_argument("--feature_lengths", help="task lengths, e.g. inputs=512,targets=114 "
+                   "(default: the run's data source; given, no data source is built)")
+    p.add_argument("--feature_converter", choices=["enc_dec", "lm", "prefix_lm"],
+                   help="with --feature_lengths: the batch layout (default enc_dec)")
+    p.add_argument("--search", action="store_true", help="find the largest batch that fits")
     p.add_argument("--search_bindings", action="append", default=[],
-                   help="LABEL:BINDING[;BINDING...], one search per flag (implies --search).")
-    p.add_argument("--max_batch_per_shard", type=int, default=4096)
-    p.add_argument("--json_out", help="Also write the report(s) here as JSON.")
-    args = p.parse_args(argv)
-    return args, args.gin_bindings + shorthand
+                   help="LABEL:BINDING[;BINDING...], one search per flag (implies --search)")
+    p.add_argument("--max_batch_per_shard", type=int, default=4096,
+                   help="upper end of the search")
+    p.add_argument("--json_out", help="also write the report(s) here as JSON")
+    return launcher.parse_flags(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args, bindings = parse_flags(sys.argv[1:] if argv is None else argv)
+    launcher.configure_output(args.verbosity)
     from t5x_like import aot, gin_config, topologies
     try:
         tpu = topologies.parse(args.topology, num_slices=args.num_slices)
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             print(reports[0].summary())
             ok = reports[0].fits
     except (ValueError, RuntimeError, gin_config.GinConfigError) as e:
-        sys.exit(f"error: {e}")
+        launcher.exit_with_error(e, args.verbosity)
     if args.json_out:
         with open(args.json_out, "w") as f:
             f.write(aot.to_json(reports))

@@ -4,10 +4,13 @@ With `libtpu` installed, `t5x_like.topologies.compile_only_devices` describes th
 chips of any slice (v4, v5e, v5p, v6e; one or several slices) without owning
 them. The mesh is built over those devices exactly as on the pod, the train state
 and batch are given as `jax.ShapeDtypeStruct`s carrying their shardings, and XLA's
-TPU compiler compiles the same jitted step `train()` runs. From the executable we
-read the per-device memory (parameters, optimizer state, batch, temporaries) and
-the FLOPs per step, and compare with the chip's HBM. No data stack is needed: the
-batch shapes come from the task feature lengths and the feature converter kind.
+TPU compiler compiles the same jitted step `train()` runs: both take the run from
+gin through `run_config.from_gin()` and build the step through the `RunConfig`. From
+the executable we read the per-device memory (parameters, optimizer state, batch,
+temporaries) and the FLOPs per step, and compare with the chip's HBM. The batch
+shapes are the run's data source's (which reads no data to say them), or, with
+explicit task feature lengths, those of a seqio feature converter kind (then no data
+source is built at all).
 
     python -m launch.compile --gin_file=configs/base.gin \\
         --gin_file=configs/models/t5_1_1_xl.gin --gin_file=configs/partitioning/fsdp.gin \\
@@ -23,7 +26,6 @@ code. The XLA TPU compiler itself refuses a program that exceeds HBM
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -35,8 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from t5x_like import partitioning, topologies, trainer
-from t5x_like.optimizers import Optimizer
+from t5x_like import gin_config, partitioning, run_config, topologies
 
 GiB = topologies.GiB
 
@@ -115,6 +116,7 @@ class FitReport:
     compile_seconds: float = 0.0
     fits: bool = False
     error: str | None = None       # the compiler's message when it refused
+    num_devices: int = 1           # the mesh's
 
     @property
     def step_seconds_at_peak(self) -> float:
@@ -146,14 +148,9 @@ class FitReport:
             f"  code               {g(self.code_bytes)}",
             f"  peak               {g(self.peak_bytes)}  of {g(self.hbm_bytes)} HBM",
             f"FLOPs per step: {self.flops_per_device:.3e} per device, "
-            f"{self.flops_per_device * self._devices:.3e} in all; at peak FLOP/s a step "
+            f"{self.flops_per_device * self.num_devices:.3e} in all; at peak FLOP/s a step "
             f"takes >= {1e3 * self.step_seconds_at_peak:.1f} ms",
             verdict])
-
-    @property
-    def _devices(self) -> int:
-        match = re.search(r"(\d+) devices", self.target)
-        return int(match.group(1)) if match else 1
 
     def as_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "step_seconds_at_peak": self.step_seconds_at_peak}
@@ -178,32 +175,32 @@ def _is_out_of_memory(error: Exception) -> bool:
 
 # --------------------------------------------------------------------------- compile
 
-def check_fit(*, model: trainer.Model, optimizer: Optimizer,
-              partitioner: partitioning.Partitioner, feature_lengths: Mapping[str, int],
-              batch_size: int, num_microbatches: int = 1, hbm_bytes: int,
-              peak_flops_per_device: float = 0.0, target: str = "") -> FitReport:
-    """Compiles the train step for `partitioner`'s devices and reports the fit."""
-    if batch_size % partitioner.data_shards:
-        raise ValueError(f"batch_size={batch_size} must divide evenly over the "
-                         f"{partitioner.data_shards} data shards of {partitioner}.")
-    layout = trainer.state_layout(model=model, optimizer=optimizer, partitioner=partitioner,
-                                  feature_lengths=feature_lengths)
+def check_fit(run: run_config.RunConfig, *, devices: Sequence[Any], num_slices: int = 1,
+              hbm_bytes: int, peak_flops_per_device: float = 0.0, target: str = "",
+              feature_lengths: Mapping[str, int] | None = None) -> FitReport:
+    """Compiles `run`'s train step over `devices` (e.g. a TPU slice's) and reports the fit.
+
+    `feature_lengths` (the batch's) default to those of the run's data source.
+    """
+    partitioner = run.partitioner(devices=devices, num_slices=num_slices)
+    feature_lengths = dict(feature_lengths or run.feature_lengths())
+    layout = run.state_layout(partitioner, feature_lengths)
     state = layout.abstract_with_shardings()
-    batch = abstract_batch(feature_lengths, batch_size=batch_size, partitioner=partitioner)
+    batch = abstract_batch(feature_lengths, batch_size=run.batch_size,
+                           partitioner=partitioner)
+    num_devices = partitioner.mesh.devices.size
     report = FitReport(
-        target=target or f"{len(partitioner.mesh.devices.flat)} devices",
+        target=target or f"{num_devices} devices", num_devices=num_devices,
         mesh=", ".join(f"{k}={v}" for k, v in partitioner.mesh.shape.items()),
-        batch_size=batch_size, batch_per_data_shard=batch_size // partitioner.data_shards,
+        batch_size=run.batch_size,
+        batch_per_data_shard=run.batch_size // partitioner.data_shards,
         num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(layout.abstract.params)),
         hbm_bytes=hbm_bytes, peak_flops_per_device=peak_flops_per_device,
         params_bytes=per_device_bytes(state.params),
         opt_state_bytes=per_device_bytes(state.opt_state) + per_device_bytes(state.step),
         batch_bytes=per_device_bytes(batch))
 
-    jitted = trainer.jit_train_step(  # exactly the step train() runs
-        trainer.make_train_step(model=model, optimizer=optimizer,
-                                num_microbatches=num_microbatches),
-        partitioner=partitioner, layout=layout, batch_feature_names=tuple(batch))
+    jitted = run.jitted_train_step(partitioner, layout, feature_lengths)
     start = time.perf_counter()
     try:
         compiled = jitted.lower(state, batch).compile()
@@ -259,93 +256,35 @@ def largest_batch(fit: Callable[[int], FitReport], *, data_shards: int,
     return good, reports
 
 
-# --------------------------------------------------------------------------- from gin
-
-@dataclasses.dataclass(kw_only=True)
-class Run:
-    """What a gin config says about one training run, without building its data."""
-    model: trainer.Model
-    optimizer: Optimizer
-    partitioner: partitioning.Partitioner
-    feature_lengths: dict[str, int]
-    batch_size: int
-    num_microbatches: int
-
-
-def run_from_gin(*, devices: Sequence[Any], num_slices: int = 1,
-                 task_feature_lengths: Mapping[str, int] | None = None,
-                 feature_converter: str | None = None,
-                 batch_size: int | None = None) -> Run:
-    """Reads the parsed gin config's model, optimizer, partitioner, lengths and batch.
-
-    The partitioner is rebuilt over `devices` (the TPU slice's) with the gin
-    config's parallelism and rules. Feature lengths come from the
-    `SeqioDataSource` bindings (TASK_FEATURE_LENGTHS, feature_converter, pack) unless
-    given; any other data source is built and asked for `model_feature_lengths()`.
-    """
-    import gin
-    from t5x_like import optimizers
-    from t5x_like import train as train_lib
-
-    bindings = gin.get_bindings(train_lib.train, resolve_references=False)
-    evaluate = copy.deepcopy   # evaluating a gin reference = deep-copying it
-    try:
-        model = evaluate(bindings["model"]) if "model" in bindings \
-            else evaluate(gin.query_parameter("%MODEL"))
-    except ValueError as e:
-        raise ValueError("The gin config defines no model: include a "
-                         "configs/models/*.gin file.") from e
-    optimizer = evaluate(bindings["optimizer"]) if "optimizer" in bindings \
-        else optimizers.adafactor(learning_rate=optimizers.rsqrt_schedule())
-    partitioner = _partitioner_from_gin(devices, num_slices)
-    if batch_size is None:
-        if "batch_size" not in bindings:
-            raise ValueError("No batch size: set BATCH_SIZE in gin or pass --batch_size.")
-        batch_size = int(evaluate(bindings["batch_size"]))
-    num_microbatches = int(evaluate(bindings.get("num_microbatches", 1)))
-    lengths = _feature_lengths_from_gin(bindings, task_feature_lengths, feature_converter)
-    return Run(model=model, optimizer=optimizer, partitioner=partitioner,
-               feature_lengths=lengths, batch_size=batch_size,
-               num_microbatches=num_microbatches)
-
-
-def _feature_lengths_from_gin(bindings: Mapping[str, Any],
-                              task_feature_lengths: Mapping[str, int] | None,
-                              feature_converter: str | None) -> dict[str, int]:
-    import gin
-    data_ref = bindings.get("train_data")
-    data_kwargs: dict[str, Any] = {}
-    is_seqio = data_ref is not None and getattr(
-        getattr(data_ref, "configurable", None), "name", "").endswith("SeqioDataSource")
-    if is_seqio:
-        data_kwargs = gin.get_bindings(data_ref.configurable.wrapped)
-    elif data_ref is not None and task_feature_lengths is None:
-        return dict(copy.deepcopy(data_ref).model_feature_lengths())
-    if task_feature_lengths is None:
-        task_feature_lengths = data_kwargs.get("task_feature_lengths")
-        if task_feature_lengths is None:
-            try:
-                task_feature_lengths = gin.query_parameter("%TASK_FEATURE_LENGTHS")
-            except ValueError:
-                raise ValueError("No feature lengths: set TASK_FEATURE_LENGTHS in gin or "
-                                 "pass --feature_lengths=inputs=512,targets=114.") from None
-    converter = feature_converter or data_kwargs.get("feature_converter", "enc_dec")
-    return model_feature_lengths(task_feature_lengths, converter=converter,
-                                 pack=data_kwargs.get("pack", True))
-
-
 def to_json(reports: Sequence[FitReport]) -> str:
     return json.dumps([r.as_dict() for r in reports], indent=1, default=float)
 
 
+# --------------------------------------------------------------------------- from gin
 
-# --------------------------------------------------------------------------- gin-level entry points
+def run_from_gin(*, gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
+                 search_paths: Sequence[str] = (),
+                 task_feature_lengths: Mapping[str, int] | None = None,
+                 feature_converter: str | None = None, batch_size: int | None = None
+                 ) -> tuple[run_config.RunConfig, dict[str, int] | None]:
+    """Parses gin; returns the run `launch.train` would run, and any explicit lengths.
 
-def _parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
-               search_paths: Sequence[str]) -> None:
-    from t5x_like import gin_config
+    With `task_feature_lengths` the batch is that of seqio's `feature_converter`
+    kind (default 'enc_dec', packed), and no data source is built (none is needed to
+    compile); otherwise the run's own data source says its batch.
+    """
     gin_config.reset()
-    gin_config.parse(gin_files=gin_files, gin_bindings=gin_bindings, search_paths=search_paths)
+    gin_config.parse(gin_files=gin_files, gin_bindings=gin_bindings,
+                     search_paths=search_paths)
+    overrides: dict[str, Any] = {} if batch_size is None else {"batch_size": batch_size}
+    if task_feature_lengths is None:
+        if feature_converter is not None:
+            raise ValueError("--feature_converter needs --feature_lengths; without them "
+                             "the run's data source decides both.")
+        return run_config.from_gin(**overrides), None
+    lengths = model_feature_lengths(task_feature_lengths,
+                                    converter=feature_converter or "enc_dec")
+    return run_config.from_gin(train_data=None, **overrides), lengths
 
 
 def fit_for_gin(*, tpu: topologies.Slice, gin_files: Sequence[str],
@@ -354,15 +293,19 @@ def fit_for_gin(*, tpu: topologies.Slice, gin_files: Sequence[str],
                 feature_converter: str | None = None, batch_size: int | None = None,
                 devices: Sequence[Any] | None = None) -> FitReport:
     """Parses gin and checks the run's fit on `tpu` (what `launch.compile` does)."""
-    devices = devices or topologies.compile_only_devices(tpu)
-    _parse_gin(gin_files, gin_bindings, search_paths)
-    run = run_from_gin(devices=devices, num_slices=tpu.num_slices,
-                       task_feature_lengths=task_feature_lengths,
-                       feature_converter=feature_converter, batch_size=batch_size)
-    return check_fit(model=run.model, optimizer=run.optimizer, partitioner=run.partitioner,
-                     feature_lengths=run.feature_lengths, batch_size=run.batch_size,
-                     num_microbatches=run.num_microbatches, hbm_bytes=tpu.chip.hbm_bytes,
-                     peak_flops_per_device=tpu.chip.peak_bf16_flops, target=str(tpu))
+    run, lengths = run_from_gin(gin_files=gin_files, gin_bindings=gin_bindings,
+                                search_paths=search_paths,
+                                task_feature_lengths=task_feature_lengths,
+                                feature_converter=feature_converter, batch_size=batch_size)
+    return _fit_on(tpu, run, lengths, devices or topologies.compile_only_devices(tpu))
+
+
+def _fit_on(tpu: topologies.Slice, run: run_config.RunConfig,
+            feature_lengths: Mapping[str, int] | None, devices: Sequence[Any]) -> FitReport:
+    return check_fit(run, devices=devices, num_slices=tpu.num_slices,
+                     hbm_bytes=tpu.chip.hbm_bytes,
+                     peak_flops_per_device=tpu.chip.peak_bf16_flops, target=str(tpu),
+                     feature_lengths=feature_lengths)
 
 
 def search_for_gin(*, tpu: topologies.Slice, gin_files: Sequence[str],
@@ -376,37 +319,21 @@ def search_for_gin(*, tpu: topologies.Slice, gin_files: Sequence[str],
     devices = topologies.compile_only_devices(tpu)
     results: dict[str, tuple[int, FitReport | None]] = {}
     for label, extra in (variants or {"as configured": ()}).items():
-        def fit(global_batch: int) -> FitReport:
-            report = fit_for_gin(tpu=tpu, gin_files=gin_files,
-                                 gin_bindings=[*gin_bindings, *extra],
-                                 search_paths=search_paths,
-                                 task_feature_lengths=task_feature_lengths,
-                                 feature_converter=feature_converter,
-                                 batch_size=global_batch, devices=devices)
+        run, lengths = run_from_gin(gin_files=gin_files, gin_bindings=[*gin_bindings, *extra],
+                                    search_paths=search_paths,
+                                    task_feature_lengths=task_feature_lengths,
+                                    feature_converter=feature_converter)
+
+        def fit(global_batch: int, run=run, lengths=lengths, label=label) -> FitReport:
+            report = _fit_on(tpu, dataclasses.replace(run, batch_size=global_batch),
+                             lengths, devices)
             log(f"  [{label}] batch {global_batch} ({report.batch_per_data_shard}/shard): "
                 f"{'fits' if report.fits else 'does not fit'}, peak "
                 f"{report.peak_bytes / GiB:.2f} GiB, {report.compile_seconds:.0f} s")
             return report
-        shards = _data_shards_for_gin(tpu, devices, gin_files, [*gin_bindings, *extra],
-                                      search_paths)
+
+        shards = run.partitioner(devices=devices, num_slices=tpu.num_slices).data_shards
         best, reports = largest_batch(fit, data_shards=shards, max_per_shard=max_per_shard)
         winner = next((r for r in reports if r.fits and r.batch_per_data_shard == best), None)
         results[label] = (best, winner)
     return results
-
-
-def _data_shards_for_gin(tpu, devices, gin_files, gin_bindings, search_paths) -> int:
-    _parse_gin(gin_files, gin_bindings, search_paths)
-    return _partitioner_from_gin(devices, tpu.num_slices).data_shards
-
-
-def _partitioner_from_gin(devices: Sequence[Any], num_slices: int
-                          ) -> partitioning.Partitioner:
-    """The configured Partitioner (parallelism, rules), over the slice's devices."""
-    import gin
-    try:
-        kwargs = gin.get_bindings(partitioning.Partitioner)
-    except ValueError:          # no partitioning gin file: the defaults
-        kwargs = {}
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("devices", "num_slices")}
-    return partitioning.Partitioner(devices=devices, num_slices=num_slices, **kwargs)

@@ -1,8 +1,12 @@
 """Where training numbers go: TensorBoard event files and a readable progress line.
 
-The TensorBoard writer uses the `tensorboard` package's own event-file writer and
-protos, so the core stays free of TensorFlow while producing ordinary event files
-that TensorBoard (or `EventAccumulator`) reads.
+Event files are written with `tensorboardX`'s public `SummaryWriter` API. Why that
+writer: it is maintained, writes ordinary event files that TensorBoard (and
+`EventAccumulator`) read, and needs only numpy, protobuf and packaging. The
+alternatives each bring more: the `tensorboard` package's writer is a private
+module and drags in the TensorBoard server (werkzeug, grpcio, markdown, ...);
+`tf.summary` needs TensorFlow, which the core must not; CLU's writers need
+TensorFlow too.
 """
 
 from __future__ import annotations
@@ -13,8 +17,7 @@ import os
 import time
 from collections.abc import Mapping
 
-from tensorboard.compat.proto import event_pb2, summary_pb2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboardX import SummaryWriter
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +27,13 @@ class TensorBoardWriter:
 
     def __init__(self, *, logdir: str):
         os.makedirs(logdir, exist_ok=True)
-        self._writer = EventFileWriter(logdir)
+        self._writer = SummaryWriter(logdir=logdir)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        values = [summary_pb2.Summary.Value(tag=name, simple_value=float(value))
-                  for name, value in scalars.items()]
-        event = event_pb2.Event(wall_time=time.time(), step=int(step),
-                                summary=summary_pb2.Summary(value=values))
-        self._writer.add_event(event)
+        wall_time = time.time()
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, float(value), global_step=int(step),
+                                    walltime=wall_time)
         self._writer.flush()     # log points are rare; a killed run keeps its curve
 
     def flush(self) -> None:

@@ -1,12 +1,19 @@
-"""Device meshes, logical-axis rules, and the shardings derived from them.
+"""Device meshes, the logical-axis rule table, and the shardings derived from them.
 
-Model code names *logical* axes only ('batch', 'embed', 'mlp', 'heads', ...). This
-module maps those names onto the axes of a device mesh through rules chosen in gin,
-so the same model runs data-parallel, FSDP, tensor-parallel or FSDP+TP without a
-line of model code changing.
+Model code names *logical* axes only ('batch', 'embed', 'mlp', 'heads', ...). One
+table, `LOGICAL_AXIS_RULES`, maps those names onto the three mesh axes `data`,
+`fsdp` and `model`, and the mesh shape alone chooses the strategy: a size-1 axis
+splits nothing, so
 
-The mesh always has the three axes `data`, `fsdp` and `model` (size 1 when unused),
-so every preset works on every mesh and a rule never names a missing axis.
+    data=N                  data parallel (parameters replicated)
+    fsdp=N                  FSDP / ZeRO-3 (parameters and optimizer state split
+                            along `embed`, gathered per layer by XLA)
+    model=N                 tensor parallel (Megatron-style: MLP hidden, heads and
+                            vocabulary split)
+    fsdp=N, model=M, ...    any mix; the batch is always split over data x fsdp.
+
+There is no separate "rules preset" that could disagree with the mesh (FSDP rules
+on a mesh whose fsdp axis is 1 used to replicate everything without a word).
 
 Multi-slice (several TPU slices joined by the data-center network, DCN): with
 `num_slices > 1` the `data` axis spans the slices, outermost, so only the data
@@ -17,6 +24,7 @@ each slice's fast interconnect (ICI). The other axis sizes are per slice.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,54 +37,38 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "model")
 
 # A rule maps one logical axis to a mesh axis, a tuple of mesh axes, or None
-# (replicated). Flax applies the first rule for a logical axis whose mesh axes are
-# not already used by another dimension of the same array, so a later rule for the
-# same name is the fallback (e.g. activations whose batch dim already took `fsdp`).
+# (replicated).
 LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
-_BATCH: LogicalRules = (("batch", ("data", "fsdp")),)
-_REPLICATED_REST: LogicalRules = (
-    ("vocab", None), ("embed", None), ("mlp", None), ("heads", None), ("kv", None),
-    ("length", None), ("relpos_buckets", None), ("layers", None), ("kv_heads", None),
+# The one rule table. Flax applies, per array dimension, the first rule for its
+# logical name whose mesh axes no other dimension of the same array has taken, so
+# order matters: `batch` comes first and takes (data, fsdp), and an activation's
+# `embed` then falls through to the replicated rule further down. Parameters have no
+# batch dimension, so their `embed` takes `fsdp`.
+LOGICAL_AXIS_RULES: LogicalRules = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv_heads", "model"),
+    ("vocab", "model"),
+    # Replicated: what is left (and the fallbacks of the axes above).
+    ("embed", None), ("mlp", None), ("heads", None), ("kv_heads", None), ("vocab", None),
+    ("kv", None), ("length", None), ("relpos_buckets", None), ("layers", None),
 )
-_FSDP: LogicalRules = (("embed", "fsdp"),)
-_TENSOR: LogicalRules = (("mlp", "model"), ("heads", "model"), ("kv_heads", "model"),
-                         ("vocab", "model"))
-
-RULE_PRESETS: Mapping[str, LogicalRules] = {
-    # Every device holds all parameters; the batch is split over all devices.
-    "data_parallel": _BATCH + _REPLICATED_REST,
-    # Parameters and optimizer state split along `embed` over the fsdp axis
-    # (ZeRO-3 style); gathered per layer by XLA.
-    "fsdp": _BATCH + _FSDP + _REPLICATED_REST,
-    # Megatron-style: MLP hidden, attention heads and vocabulary split over `model`.
-    "tensor_parallel": _BATCH + _TENSOR + _REPLICATED_REST,
-    "fsdp_tp": _BATCH + _FSDP + _TENSOR + _REPLICATED_REST,
-}
+KNOWN_LOGICAL_AXES = frozenset(name for name, _ in LOGICAL_AXIS_RULES)
 
 
-def resolve_rules(rules: str | Sequence[Sequence[Any]]) -> LogicalRules:
-    """Returns rules given either a preset name or explicit (logical, mesh) pairs."""
-    if isinstance(rules, str):
-        if rules not in RULE_PRESETS:
-            raise ValueError(
-                f"Unknown partitioning rules preset {rules!r}; choose one of "
-                f"{sorted(RULE_PRESETS)} or pass explicit (logical_axis, mesh_axes) pairs.")
-        return RULE_PRESETS[rules]
-    resolved = tuple((str(name), _as_mesh_axes(axes)) for name, axes in rules)
-    for name, axes in resolved:
-        for axis in (axes if isinstance(axes, tuple) else (axes,)):
-            if axis is not None and axis not in MESH_AXES:
-                raise ValueError(
-                    f"Rule for logical axis {name!r} names mesh axis {axis!r}; "
-                    f"mesh axes are {MESH_AXES}.")
-    return resolved
+def rules_for_mesh(mesh_shape: Mapping[str, int]) -> LogicalRules:
+    """`LOGICAL_AXIS_RULES` with every rule onto a single size-1 mesh axis set to None.
 
-
-def _as_mesh_axes(axes: Any) -> str | tuple[str, ...] | None:
-    if axes is None or isinstance(axes, str):
-        return axes
-    return tuple(axes)
+    A size-1 axis splits nothing either way; dropping it makes the specs (and the
+    parameter table) name only the axes that really split something. The batch's
+    (data, fsdp) rule is kept whole, so every batch array has the same spec on any
+    mesh.
+    """
+    return tuple((name, None if isinstance(axes, str) and mesh_shape[axes] == 1 else axes)
+                 for name, axes in LOGICAL_AXIS_RULES)
 
 
 def resolve_mesh_shape(*, num_devices: int, data: int, fsdp: int, model: int
@@ -155,28 +147,40 @@ def _hybrid_device_array(ici_shape: tuple[int, int, int], devices: list[jax.Devi
 
 
 class Partitioner:
-    """A mesh plus logical-axis rules: everything needed to place arrays.
+    """A mesh plus the rule table resolved for it: everything needed to place arrays.
 
-    Built from gin (see configs/partitioning/*.gin). -1 on one axis means "the
-    remaining devices", so the same config runs on 1, 8 or 256 devices.
-    `num_slices` > 1 splits the devices into that many slices joined over DCN;
-    the parallelism sizes are then per slice and `data` also spans the slices.
+    Built from gin (configs/partitioning/*.gin set the mesh shape). -1 on one axis
+    means "the remaining devices", so the same config runs on 1, 8 or 256 devices.
+    `num_slices` > 1 splits the devices into that many slices joined over DCN; the
+    parallelism sizes are then per slice and `data` also spans the slices.
+    `fsdp_min_size` keeps state leaves with fewer elements replicated instead of
+    split over `fsdp` (big_vision's threshold; off by default: see
+    benchmarks/RESULTS.md, "FSDP size threshold").
     """
 
     def __init__(self, *, data_parallelism: int = -1, fsdp_parallelism: int = 1,
-                 tensor_parallelism: int = 1,
-                 rules: str | Sequence[Sequence[Any]] = "data_parallel",
-                 devices: Sequence[jax.Device] | None = None, num_slices: int = 1):
-        self.rules = resolve_rules(rules)
+                 tensor_parallelism: int = 1, devices: Sequence[jax.Device] | None = None,
+                 num_slices: int = 1, fsdp_min_size: int = 0):
         self.num_slices = num_slices
+        self.fsdp_min_size = fsdp_min_size
         self.mesh = make_mesh(data=data_parallelism, fsdp=fsdp_parallelism,
                               model=tensor_parallelism, devices=devices,
                               num_slices=num_slices)
+        self.rules = rules_for_mesh(self.mesh.shape)
 
     def __repr__(self) -> str:
         shape = ", ".join(f"{k}={v}" for k, v in self.mesh.shape.items())
         slices = f", slices={self.num_slices}" if self.num_slices > 1 else ""
-        return f"Partitioner(mesh=({shape}){slices})"
+        return f"Partitioner(mesh=({shape}){slices}: {self.strategy})"
+
+    @property
+    def strategy(self) -> str:
+        """What the mesh shape amounts to, e.g. 'data parallel' or 'FSDP x TP'."""
+        parts = [name for axis, name in (("fsdp", "FSDP"), ("model", "TP"))
+                 if self.mesh.shape[axis] > 1]
+        if self.mesh.shape["data"] > 1 and parts:
+            parts.insert(0, "DP")
+        return " x ".join(parts) if parts else "data parallel"
 
     @property
     def data_shards(self) -> int:
@@ -184,15 +188,31 @@ class Partitioner:
         return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
     def logical_to_mesh_spec(self, logical_axes: Sequence[str | None]) -> PartitionSpec:
+        unknown = set(logical_axes) - KNOWN_LOGICAL_AXES - {None}
+        if unknown:
+            raise ValueError(f"Logical axes {sorted(unknown)} have no rule; add them to "
+                             "partitioning.LOGICAL_AXIS_RULES.")
         return nn.logical_to_mesh_axes(tuple(logical_axes), self.rules)
 
-    def sharding(self, logical_axes: Sequence[str | None]) -> NamedSharding:
-        return NamedSharding(self.mesh, self.logical_to_mesh_spec(logical_axes))
+    def sharding(self, logical_axes: Sequence[str | None],
+                 shape: Sequence[int] | None = None) -> NamedSharding:
+        """The sharding of an array with these logical axes (and, for state, shape)."""
+        spec = self.logical_to_mesh_spec(logical_axes)
+        if shape is not None and math.prod(shape) < self.fsdp_min_size:
+            spec = _without_axis(spec, "fsdp")
+        return NamedSharding(self.mesh, spec)
 
-    def shardings(self, logical_specs: Any) -> Any:
-        """Maps a tree of logical PartitionSpecs to a tree of NamedShardings."""
-        return jax.tree.map(self.sharding, logical_specs,
-                            is_leaf=lambda x: isinstance(x, PartitionSpec))
+    def shardings(self, logical_specs: Any, abstract: Any = None) -> Any:
+        """Maps a tree of logical PartitionSpecs to a tree of NamedShardings.
+
+        With `abstract` (the same tree of arrays or ShapeDtypeStructs), leaves below
+        `fsdp_min_size` elements stay replicated over `fsdp`.
+        """
+        is_spec = lambda x: isinstance(x, PartitionSpec)
+        if abstract is None:
+            return jax.tree.map(self.sharding, logical_specs, is_leaf=is_spec)
+        return jax.tree.map(lambda spec, leaf: self.sharding(spec, leaf.shape),
+                            logical_specs, abstract, is_leaf=is_spec)
 
     def batch_sharding(self, ndim: int = 2) -> NamedSharding:
         return self.sharding(("batch",) + (None,) * (ndim - 1))
@@ -200,6 +220,17 @@ class Partitioner:
     def context(self):
         """Context in which model code is traced: mesh + logical rules active."""
         return _MeshAndRules(self.mesh, self.rules)
+
+
+def _without_axis(spec: PartitionSpec, axis: str) -> PartitionSpec:
+    def drop(entry):
+        if entry == axis:
+            return None
+        if isinstance(entry, tuple):
+            kept = tuple(a for a in entry if a != axis)
+            return kept if len(kept) > 1 else (kept[0] if kept else None)
+        return entry
+    return PartitionSpec(*(drop(e) for e in spec))
 
 
 @dataclasses.dataclass

@@ -1,7 +1,9 @@
 """`train()`: the whole training run, readable top to bottom.
 
-Every argument is injected (from gin, by `launch/train.py`, or directly from Python
-in tests), so this function holds only the order of events:
+What is trained comes in as one `RunConfig` (model, optimizer, data, mesh, batch;
+see run_config.py); how the loop is driven (steps, checkpoints, logging) are the
+other arguments. Everything is injected (from gin by `launch/train.py`, or directly
+from Python in tests), so this function holds only the order of events:
 
   mesh -> state layout -> restore or init -> data positioned at the step ->
   [batch -> global arrays -> jitted step -> metrics -> async checkpoint]* -> final save
@@ -21,7 +23,7 @@ import numpy as np
 
 from t5x_like import (checkpoints, host_batches, metrics as metrics_lib, param_table,
                       partitioning, preemption, trainer)
-from t5x_like.optimizers import Optimizer
+from t5x_like.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +46,19 @@ class TrainResult:
     preempted: bool = False
 
 
-def train(*, model_dir: str, model: trainer.Model, train_data: DataSource,
-          partitioner: partitioning.Partitioner, optimizer: Optimizer, train_steps: int,
-          batch_size: int, seed: int = 0, num_microbatches: int = 1,
+def train(*, run: RunConfig, model_dir: str, train_steps: int,
           num_data_shards: int | None = None,
           checkpoint_every_steps: int = 100, keep_checkpoints: int | None = 3,
           keep_checkpoint_period: int | None = None, async_checkpointing: bool = True,
           init_from: checkpoints.InitFrom | None = None,
           on_nonfinite_loss: Literal["halt", "skip_update"] = "halt",
           log_every_steps: int = 10) -> TrainResult:
-    """Trains `model` on `train_data` until `train_steps`, resuming if possible.
+    """Trains `run.model` on `run.train_data` until `train_steps`, resuming if possible.
 
     Args:
+      run: what is trained (see RunConfig); launch.compile compiles the same.
       model_dir: where checkpoints, TensorBoard events and the gin config go.
         Rerunning with the same directory resumes from its latest checkpoint.
-      batch_size: the global batch size (sequences per step over all hosts).
-      num_microbatches: gradient accumulation; the update equals the full-batch one.
       num_data_shards: how many shards the input is split into (default: one per
         process). Runs with the same value see the same batches on any number of
         processes that divides it.
@@ -69,11 +68,11 @@ def train(*, model_dir: str, model: trainer.Model, train_data: DataSource,
       on_nonfinite_loss: a step with a NaN/Inf loss or gradient is never applied;
         'halt' then stops with an error naming the step, 'skip_update' goes on.
     """
+    # The run's parts, by the names the sections below use; the mesh is built here.
+    model, train_data, batch_size, seed = run.model, run.train_data, run.batch_size, run.seed
+    partitioner = run.partitioner()
     is_lead_host = jax.process_index() == 0
     num_data_shards = num_data_shards or jax.process_count()
-    if batch_size % partitioner.data_shards:
-        raise ValueError(f"batch_size={batch_size} must divide evenly over the "
-                         f"{partitioner.data_shards} data shards of {partitioner}.")
     if on_nonfinite_loss not in ("halt", "skip_update"):
         raise ValueError(f"on_nonfinite_loss must be 'halt' or 'skip_update', got "
                          f"{on_nonfinite_loss!r}.")
@@ -83,13 +82,18 @@ def train(*, model_dir: str, model: trainer.Model, train_data: DataSource,
             f.write(gin.operative_config_str())
 
     # ----------------------------------------------------------- state layout
-    feature_lengths = dict(train_data.model_feature_lengths())
-    layout = trainer.state_layout(model=model, optimizer=optimizer, partitioner=partitioner,
-                                  feature_lengths=feature_lengths)
+    feature_lengths = run.feature_lengths()
+    layout = run.state_layout(partitioner, feature_lengths)
     log.info("Devices: %d (%s), processes: %d, %s", jax.device_count(),
              jax.devices()[0].platform, jax.process_count(), partitioner)
-    log.info("Parameters:\n%s", param_table.parameter_table(
-        layout.abstract.params, layout.logical_specs.params, layout.shardings.params))
+    table_path = os.path.join(model_dir, "parameters.txt")
+    log.info("Parameters (each one, with its sharding, in %s):\n%s", table_path,
+             param_table.module_summary(layout.abstract.params))
+    if is_lead_host:
+        with open(table_path, "w") as f:
+            f.write(param_table.parameter_table(layout.abstract.params,
+                                                layout.logical_specs.params,
+                                                layout.shardings.params) + "\n")
 
     # ----------------------------------------------------------- restore or init
     checkpointer = checkpoints.Checkpointer(
@@ -104,7 +108,7 @@ def train(*, model_dir: str, model: trainer.Model, train_data: DataSource,
         log.info("Resumed from checkpoint at step %d in %s", restored_step,
                  checkpointer.directory)
     else:
-        state = trainer.init_train_state(model=model, optimizer=optimizer,
+        state = trainer.init_train_state(model=model, optimizer=run.optimizer,
                                          partitioner=partitioner,
                                          feature_lengths=feature_lengths, seed=seed,
                                          layout=layout)
@@ -122,10 +126,7 @@ def train(*, model_dir: str, model: trainer.Model, train_data: DataSource,
         start_step=start_step)
 
     # ----------------------------------------------------------- the loop
-    train_step = trainer.jit_train_step(
-        trainer.make_train_step(model=model, optimizer=optimizer,
-                                num_microbatches=num_microbatches, dropout_seed=seed),
-        partitioner=partitioner, layout=layout, batch_feature_names=tuple(feature_lengths))
+    train_step = run.jitted_train_step(partitioner, layout, feature_lengths)
     writer = metrics_lib.TensorBoardWriter(logdir=os.path.join(model_dir, "train")) \
         if is_lead_host else None
     progress = metrics_lib.Progress(total_steps=train_steps, start_step=start_step)

@@ -110,7 +110,7 @@ def saved_on_8_devices(tmp_path_factory):
     """A state saved from a 4x2 (fsdp x model) mesh of 8 devices."""
     directory = str(tmp_path_factory.mktemp("reshard") / "checkpoints")
     saver = partitioning.Partitioner(data_parallelism=1, fsdp_parallelism=4,
-                                     tensor_parallelism=2, rules="fsdp_tp")
+                                     tensor_parallelism=2)
     state, _ = make_state(saver)
     save_steps(directory, state, [7])
     return directory, state
@@ -120,7 +120,7 @@ def saved_on_8_devices(tmp_path_factory):
 def test_restore_onto_a_different_mesh(saved_on_8_devices, num_devices, fsdp, model):
     directory, state = saved_on_8_devices
     target = partitioning.Partitioner(data_parallelism=1, fsdp_parallelism=fsdp,
-                                      tensor_parallelism=model, rules="fsdp_tp",
+                                      tensor_parallelism=model,
                                       devices=jax.devices()[:num_devices])
     layout = layout_for(target)
     step, restored, _ = checkpoints.Checkpointer(directory=directory).restore_latest(

@@ -138,7 +138,7 @@ def test_scanned_export_matches_unscanned(tmp_root):
 def test_import_places_tensors_into_target_shardings(tmp_root):
   path, _ = hf_checkpoint('gqa3_untied', tmp_root)
   cfg, _ = hf_llama.import_checkpoint(path)
-  part = partitioning.Partitioner(rules='fsdp_tp', data_parallelism=1, fsdp_parallelism=4,
+  part = partitioning.Partitioner(data_parallelism=1, fsdp_parallelism=4,
                                   tensor_parallelism=2)
   model = decoder.DecoderOnlyModel(config=cfg)
   from t5x_like import optimizers

@@ -64,7 +64,7 @@ def reference():
     pytest.param('tensor_parallel', marks=pytest.mark.slow)])
 def test_decoder_step_is_the_same_under_every_preset(reference, preset):
   _, ref_state, ref_metrics = reference
-  layout, state, metrics = one_step(partitioning.Partitioner(rules=preset, **PRESETS[preset]))
+  layout, state, metrics = one_step(partitioning.Partitioner(**PRESETS[preset]))
   np.testing.assert_allclose(metrics['loss'], ref_metrics['loss'], rtol=1e-6)
   np.testing.assert_allclose(metrics['grad_norm'], ref_metrics['grad_norm'], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),

@@ -21,28 +21,49 @@ def test_impossible_mesh_is_a_clear_error(shape):
         partitioning.resolve_mesh_shape(num_devices=8, **shape)
 
 
-def test_unknown_preset_and_unknown_mesh_axis_are_named():
-    with pytest.raises(ValueError, match="'fsdpp'"):
-        partitioning.resolve_rules("fsdpp")
-    with pytest.raises(ValueError, match="'tensor'"):
-        partitioning.resolve_rules([("mlp", "tensor")])
+def test_unknown_logical_axis_is_named_and_the_table_names_only_mesh_axes():
+    part = partitioning.Partitioner(devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match="'embedd'"):
+        part.logical_to_mesh_spec(("embedd", "mlp"))
+    for _, axes in partitioning.LOGICAL_AXIS_RULES:
+        assert set(axes if isinstance(axes, tuple) else (axes,)) <= {*partitioning.MESH_AXES, None}
 
 
-@pytest.mark.parametrize("preset,param,activation,expected_param,expected_act", [
-    ("data_parallel", ("embed", "mlp"), ("batch", "length", "embed"),
+# Each former rules preset is now just its mesh shape (8 devices); same specs.
+@pytest.mark.parametrize("mesh,param,activation,expected_param,expected_act", [
+    (dict(data_parallelism=8), ("embed", "mlp"), ("batch", "length", "embed"),
      P(None, None), P(("data", "fsdp"), None, None)),
-    ("fsdp", ("embed", "mlp"), ("batch", "length", "embed"),
-     P("fsdp", None), P(("data", "fsdp"), None, None)),
-    ("tensor_parallel", ("embed", "mlp"), ("batch", "length", "mlp"),
-     P(None, "model"), P(("data", "fsdp"), None, "model")),
-    ("fsdp_tp", ("vocab", "embed"), ("batch", "length", "vocab"),
-     P("model", "fsdp"), P(("data", "fsdp"), None, "model")),
-])
-def test_presets_map_logical_axes(preset, param, activation, expected_param, expected_act):
-    part = partitioning.Partitioner(rules=preset, devices=jax.devices()[:1])
+    (dict(data_parallelism=1, fsdp_parallelism=8), ("embed", "mlp"),
+     ("batch", "length", "embed"), P("fsdp", None), P(("data", "fsdp"), None, None)),
+    (dict(data_parallelism=1, tensor_parallelism=8), ("embed", "mlp"),
+     ("batch", "length", "mlp"), P(None, "model"), P(("data", "fsdp"), None, "model")),
+    (dict(data_parallelism=1, fsdp_parallelism=4, tensor_parallelism=2), ("vocab", "embed"),
+     ("batch", "length", "vocab"), P("model", "fsdp"), P(("data", "fsdp"), None, "model")),
+], ids=["data_parallel", "fsdp", "tensor_parallel", "fsdp_tp"])
+def test_mesh_shape_alone_maps_logical_axes(mesh, param, activation, expected_param,
+                                            expected_act):
+    part = partitioning.Partitioner(**mesh)
     assert part.logical_to_mesh_spec(param) == expected_param
     # An activation's `embed` must not reuse `fsdp`, which its batch dim already took.
     assert part.logical_to_mesh_spec(activation) == expected_act
+
+
+def test_an_fsdp_mesh_really_splits_parameters():
+    """The defect the single table fixes: the batch split over fsdp while the
+    parameters, under rules that disagreed with the mesh, silently stayed whole."""
+    part = partitioning.Partitioner(data_parallelism=1, fsdp_parallelism=8)
+    assert part.sharding(("embed", "mlp")).spec == P("fsdp", None)
+    assert part.strategy == "FSDP" and "FSDP" in repr(part)
+    assert partitioning.Partitioner(data_parallelism=8).strategy == "data parallel"
+    assert partitioning.Partitioner(data_parallelism=2, fsdp_parallelism=2,
+                                    tensor_parallelism=2).strategy == "DP x FSDP x TP"
+
+
+def test_small_state_leaves_stay_replicated_below_the_fsdp_threshold():
+    part = partitioning.Partitioner(data_parallelism=1, fsdp_parallelism=8,
+                                    fsdp_min_size=1024)
+    assert part.sharding(("embed",), shape=(256,)).spec == P(None)
+    assert part.sharding(("embed", "mlp"), shape=(256, 64)).spec == P("fsdp", None)
 
 
 def test_host_local_batch_becomes_sharded_global_array():

@@ -10,7 +10,7 @@ from t5x_like import partitioning
 def test_cpu_devices_split_into_consecutive_slices():
     devices = jax.devices()[:8]
     part = partitioning.Partitioner(data_parallelism=1, fsdp_parallelism=-1,
-                                    rules="fsdp", devices=devices, num_slices=2)
+                                    devices=devices, num_slices=2)
     assert dict(part.mesh.shape) == {"data": 2, "fsdp": 4, "model": 1}
     assert part.data_shards == 8
     grid = part.mesh.devices
@@ -50,9 +50,9 @@ def test_one_step_is_the_same_on_two_slices_as_on_one():
         _, metrics = step(state, partitioning.host_local_to_global(batch, part))
         return float(metrics["loss"]), float(metrics["grad_norm"])
 
-    single = one_step(partitioning.Partitioner(rules="fsdp", data_parallelism=2,
+    single = one_step(partitioning.Partitioner(data_parallelism=2,
                                                fsdp_parallelism=4))
-    multi = one_step(partitioning.Partitioner(rules="fsdp", data_parallelism=1,
+    multi = one_step(partitioning.Partitioner(data_parallelism=1,
                                               fsdp_parallelism=4, num_slices=2))
     np.testing.assert_allclose(multi, single, rtol=1e-5)
 
@@ -61,7 +61,7 @@ def test_tpu_slices_are_told_apart_by_slice_index():
     pytest.importorskip("libtpu")
     from t5x_like import topologies
     tpu = topologies.parse("v5e:2x2", num_slices=2)
-    part = partitioning.Partitioner(rules="fsdp", data_parallelism=1, fsdp_parallelism=-1,
+    part = partitioning.Partitioner(data_parallelism=1, fsdp_parallelism=-1,
                                     devices=topologies.compile_only_devices(tpu),
                                     num_slices=2)
     assert dict(part.mesh.shape) == {"data": 2, "fsdp": 4, "model": 1}

@@ -85,7 +85,7 @@ PRESETS = {
 @pytest.mark.parametrize("preset", PRESETS)
 def test_one_step_is_the_same_under_every_preset(reference, preset):
     ref_state, ref_metrics = reference
-    part = partitioning.Partitioner(rules=preset, **PRESETS[preset])
+    part = partitioning.Partitioner(**PRESETS[preset])
     state, metrics = one_step(part, adafactor())
     assert jax.device_count() == 8
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
@@ -97,7 +97,7 @@ def test_one_step_is_the_same_under_every_preset(reference, preset):
 
 @pytest.mark.parametrize("preset,axis", [("fsdp", "fsdp"), ("tensor_parallel", "model")])
 def test_presets_really_split_parameters_and_optimizer_state(preset, axis):
-    part = partitioning.Partitioner(rules=preset, **PRESETS[preset])
+    part = partitioning.Partitioner(**PRESETS[preset])
     layout = trainer.state_layout(model=t5.EncoderDecoderModel(config=CONFIG),
                                   optimizer=adafactor(), partitioner=part,
                                   feature_lengths=FEATURE_LENGTHS)

@@ -1,6 +1,7 @@
 """The train loop under faults: NaN/Inf losses, SIGTERM, SIGKILL."""
 
 import dataclasses
+import functools
 import os
 import signal
 
@@ -11,7 +12,7 @@ import pytest
 
 from launch_helpers import (checkpoint_steps, logged_losses, run_train, start_train,
                             wait_for_checkpoint)
-from t5x_like import checkpoints, optimizers, partitioning, synthetic_data
+from t5x_like import checkpoints, optimizers, partitioning, run_config, synthetic_data
 from t5x_like import train as train_lib
 from t5x_like.models import t5
 
@@ -47,13 +48,16 @@ class PoisonedModel(t5.EncoderDecoderModel):
 
 def run(model_dir, policy):
     return train_lib.train(
-        model_dir=model_dir, model=PoisonedModel(config=CONFIG),
-        train_data=PoisonedSource(encoder_length=16, decoder_length=8, vocab_size=128,
-                                  poison_at_batch=4),
-        partitioner=partitioning.Partitioner(devices=jax.devices()[:1]),
-        optimizer=optimizers.adafactor(learning_rate=optimizers.rsqrt_schedule(
-            warmup_steps=10)),
-        train_steps=6, batch_size=4, checkpoint_every_steps=1, keep_checkpoints=None,
+        run=run_config.RunConfig(
+            model=PoisonedModel(config=CONFIG),
+            train_data=PoisonedSource(encoder_length=16, decoder_length=8, vocab_size=128,
+                                      poison_at_batch=4),
+            partitioner=functools.partial(partitioning.Partitioner,
+                                          devices=jax.devices()[:1]),
+            optimizer=optimizers.adafactor(learning_rate=optimizers.rsqrt_schedule(
+                warmup_steps=10)),
+            batch_size=4),
+        model_dir=model_dir, train_steps=6, checkpoint_every_steps=1, keep_checkpoints=None,
         on_nonfinite_loss=policy, log_every_steps=1)
 
 

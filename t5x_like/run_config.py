@@ -1,0 +1,93 @@
+"""What one training run is, as one value: model, optimizer, data, mesh and batch.
+
+`train()` trains a `RunConfig`; `launch.compile` (the AOT fit check, `aot.py`)
+compiles one. Both launchers get it from gin the same way, `from_gin()`, and both
+build the state layout and the jitted step through the two methods below, so the
+fit check compiles exactly the step that training runs.
+
+The partitioner is held as a factory (in gin: `@partitioning.Partitioner`, no
+parentheses), i.e. mesh-shape settings rather than a built mesh: training calls it
+over the local devices, the fit check over the devices of a TPU slice it does not
+own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import gin
+
+from t5x_like import partitioning, trainer
+from t5x_like.optimizers import Optimizer
+
+if TYPE_CHECKING:
+    from t5x_like.train import DataSource
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """The run's parts. Everything about how the loop is driven (steps,
+    checkpointing, logging) stays with `train()`."""
+
+    model: trainer.Model
+    optimizer: Optimizer
+    # None only for a run that is compiled, never trained: `launch.compile` with
+    # explicit --feature_lengths builds no data source.
+    train_data: DataSource | None
+    partitioner: Callable[..., partitioning.Partitioner]
+    batch_size: int                 # global: sequences per step over all hosts
+    num_microbatches: int = 1       # gradient accumulation; the update is the full-batch one
+    seed: int = 0                   # parameter init and dropout
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.num_microbatches < 1:
+            raise ValueError(f"batch_size ({self.batch_size}) and num_microbatches "
+                             f"({self.num_microbatches}) must be positive.")
+        if self.batch_size % self.num_microbatches:
+            raise ValueError(f"batch_size={self.batch_size} is not divisible by "
+                             f"num_microbatches={self.num_microbatches}.")
+
+    def feature_lengths(self) -> dict[str, int]:
+        """The batch's features and their lengths, as the data source yields them."""
+        if self.train_data is None:
+            raise ValueError("This run has no train_data; bind RunConfig.train_data.")
+        return dict(self.train_data.model_feature_lengths())
+
+    def state_layout(self, partitioner: partitioning.Partitioner,
+                     feature_lengths: Mapping[str, int]) -> trainer.StateLayout:
+        if self.batch_size % partitioner.data_shards:
+            raise ValueError(f"batch_size={self.batch_size} must divide evenly over the "
+                             f"{partitioner.data_shards} data shards of {partitioner}.")
+        return trainer.state_layout(model=self.model, optimizer=self.optimizer,
+                                    partitioner=partitioner, feature_lengths=feature_lengths)
+
+    def jitted_train_step(self, partitioner: partitioning.Partitioner,
+                          layout: trainer.StateLayout,
+                          feature_lengths: Mapping[str, int]) -> trainer.JittedStep:
+        """The step `train()` runs (call it) and the fit check compiles (`lower` it)."""
+        return trainer.jit_train_step(
+            trainer.make_train_step(model=self.model, optimizer=self.optimizer,
+                                    num_microbatches=self.num_microbatches,
+                                    dropout_seed=self.seed),
+            partitioner=partitioner, layout=layout,
+            batch_feature_names=tuple(feature_lengths))
+
+
+def from_gin(**overrides: Any) -> RunConfig:
+    """The RunConfig of the parsed gin config; `overrides` replace bound fields.
+
+    Raises ValueError naming what is missing when the config does not describe a run.
+    """
+    try:
+        configured = gin.get_configurable(RunConfig)
+    except ValueError as e:
+        raise ValueError("The gin config does not configure run_config.RunConfig; "
+                         "include configs/runs/pretrain.gin (configs/base.gin does).") from e
+    try:
+        return configured(**overrides)
+    except TypeError as e:
+        raise ValueError(f"The gin config does not describe a whole run ({e}); a model "
+                         "comes from configs/models/*.gin, the rest from "
+                         "configs/runs/pretrain.gin.") from e
