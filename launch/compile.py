@@ -23,7 +23,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")   # compile-only: never claim a lo
 
 
 def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = launcher.flag_parser(__doc__)
+    p = launcher.flag_parser(__doc__, prog="python -m launch.compile")
     p.add_argument("--topology", required=True,
                    help="v5p-128, v4-32, v5litepod-16, v6e-64, v5e:4x4, 2xv5p-128, ...")
     p.add_argument("--num_slices", type=int, default=1, help="slices joined over DCN")
@@ -44,6 +44,7 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args, bindings = parse_flags(sys.argv[1:] if argv is None else argv)
     launcher.configure_output(args.verbosity)
+    launcher.parse_gin(args, bindings)      # a bad config fails here, in one line
     from t5x_like import aot, gin_config, topologies
     try:
         tpu = topologies.parse(args.topology, num_slices=args.num_slices)

@@ -15,7 +15,7 @@ from t5x_like import launcher
 
 
 def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = launcher.flag_parser(__doc__)
+    parser = launcher.flag_parser(__doc__, prog="python -m launch.train")
     launcher.add_process_flags(parser)
     return launcher.parse_flags(parser, argv)
 

@@ -4,22 +4,24 @@
 parser with `flag_parser`, which already holds the gin flags and `--verbosity`, add
 only their own flags, and call `parse_flags`, `configure_output` and `parse_gin`.
 
-Quiet by default: a run prints our own lines only. TensorFlow's C++ start-up notices
-(oneDNN, "Could not find cuda drivers", a cuInit error, tf.data's cache warning on
-every start) are silenced through TF_CPP_MIN_LOG_LEVEL, which only works if set
-before TensorFlow loads, so `configure_output` runs before any gin file imports the
-data layer. `--verbosity=1` shows library warnings and INFO logs, TF's warnings and
-tracebacks with errors; `--verbosity=2` shows everything.
+Quiet by default: a run prints our own lines only. TensorFlow's C++ notices (a
+cuInit error, tf.data's cache warning on every start) obey TF_CPP_MIN_LOG_LEVEL,
+which `configure_output` sets before anything imports TensorFlow; the ones printed
+while its libraries load (oneDNN, "Could not find cuda drivers") come before any log
+level applies, so `parse_gin`, where gin files import the data layer, runs with the
+process's native stderr sent to /dev/null. `--verbosity=1` shows library warnings
+and INFO logs, TF's warnings and tracebacks with errors; `--verbosity=2` everything.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from t5x_like import gin_config
 
@@ -28,9 +30,9 @@ _VERBOSITY = {0: ("3", logging.ERROR), 1: ("1", logging.INFO), 2: ("0", logging.
 _LIBRARY_LOGGERS = ("absl", "orbax", "jax", "tensorflow", "seqio", "etils")
 
 
-def flag_parser(description: str) -> argparse.ArgumentParser:
+def flag_parser(description: str, *, prog: str) -> argparse.ArgumentParser:
     """An ArgumentParser that already holds the shared flags (gin, verbosity)."""
-    parser = argparse.ArgumentParser(description=description,
+    parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     gin_flags = parser.add_argument_group("configuration (gin)")
     gin_flags.add_argument("--gin_file", action="append", default=[], metavar="PATH",
@@ -64,8 +66,7 @@ def configure_output(verbosity: int) -> None:
     Call before TensorFlow is imported (gin files import the data layer).
     """
     tf_level, library_level = _VERBOSITY[verbosity]
-    if verbosity or "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = tf_level
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = tf_level     # the flag decides, not the shell
     logging.basicConfig(level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s] %(message)s")
     logging.getLogger("t5x_like").setLevel(logging.DEBUG if verbosity == 2 else logging.INFO)
@@ -79,10 +80,32 @@ def configure_output(verbosity: int) -> None:
 def parse_gin(args: argparse.Namespace, bindings: Sequence[str]) -> None:
     """Parses the gin flags; on a bad config, exits with one `error: ...` line."""
     try:
-        gin_config.parse(gin_files=args.gin_file, gin_bindings=bindings,
-                         search_paths=args.gin_search_paths)
+        with _native_stderr_silenced(args.verbosity == 0):
+            gin_config.parse(gin_files=args.gin_file, gin_bindings=bindings,
+                             search_paths=args.gin_search_paths)
     except gin_config.GinConfigError as e:
         exit_with_error(e, args.verbosity)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced(silence: bool) -> Iterator[None]:
+    """File descriptor 2 -> /dev/null inside (C++ libraries write there directly).
+
+    Python exceptions still propagate; only what is printed to stderr is lost.
+    """
+    if not silence:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def exit_with_error(error: BaseException, verbosity: int) -> None:
@@ -100,14 +123,16 @@ def add_process_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("processes and devices")
     group.add_argument("--coordinator_address", metavar="HOST:PORT",
                        help="address of process 0 (multi-host)")
-    group.add_argument("--num_processes", type=int, help="total JAX processes (multi-host)")
-    group.add_argument("--process_id", type=int, help="this process's index (multi-host)")
-    group.add_argument("--heartbeat_timeout_seconds", type=int, default=100,
+    group.add_argument("--num_processes", type=int, metavar="N",
+                       help="total JAX processes (multi-host)")
+    group.add_argument("--process_id", type=int, metavar="I",
+                       help="this process's index (multi-host)")
+    group.add_argument("--heartbeat_timeout_seconds", type=int, default=100, metavar="S",
                        help="a process silent this long is declared dead; the others exit")
     group.add_argument("--distributed", choices=["auto", "off"], default="off",
                        help="auto: jax.distributed.initialize() detects the cluster (Cloud "
                        "TPU VM, SLURM, Open MPI); explicit coordinator flags win")
-    group.add_argument("--num_cpu_devices", type=int,
+    group.add_argument("--num_cpu_devices", type=int, metavar="N",
                        help="simulate this many CPU devices (sharding on a laptop)")
 
 

@@ -11,6 +11,13 @@ def test_two_steps_then_resume_continues_from_the_checkpoint(tmp_path, straight_
     model_dir = str(tmp_path)
     log = run_train(model_dir)
     assert "Initialised a new model" in log and "Total parameters:" in log
+    # Quiet by default: none of TensorFlow's start-up notices, one summary row per
+    # module; the full table (a row per parameter) is in parameters.txt.
+    for noise in ("oneDNN", "cuda drivers", "cuInit", "cache_dataset_ops", "absl::"):
+        assert noise not in log, noise
+    assert "encoder/layers_0/attention/query/kernel" not in log
+    table = open(os.path.join(model_dir, "parameters.txt")).read()
+    assert "encoder/layers_0/attention/query/kernel" in table and "Total parameters:" in table
     assert "step 2/2 | loss" in log
     assert checkpoint_steps(model_dir) == [1, 2]
     operative = open(os.path.join(model_dir, "operative_config.gin")).read()

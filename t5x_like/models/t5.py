@@ -79,6 +79,20 @@ def _stack(layer_cls: type[nn.Module], cfg: T5Config, num_layers: int,
         enable_dropout=enable_dropout)
 
 
+def _relpos_bias(cfg: T5Config, length: int, *, bidirectional: bool) -> Array:
+    """The stack's shared relative position bias [1, H, L, L] (module `relpos_bias`)."""
+    return t5_layers.RelativePositionBiases(
+        num_buckets=cfg.relative_attention_num_buckets,
+        max_distance=cfg.relative_attention_max_distance,
+        num_heads=cfg.num_heads, bidirectional=bidirectional, name='relpos_bias',
+    )(length, length)
+
+
+def _embed(embedding: nn.Module, tokens_BxL: Array, dtype: Any) -> Array:
+    x_BxLxD = embedding(tokens_BxL).astype(dtype)
+    return nn.with_logical_constraint(x_BxLxD, layers.BLE)
+
+
 def scan_params(params: Mapping[str, Any], cfg: T5Config) -> dict[str, Any]:
     """Unscanned T5 parameters -> the layout of `scan_layers=True` (both stacks)."""
     return {**params,
@@ -109,17 +123,9 @@ class Encoder(nn.Module):
         mask_Bx1xLxL = attention.dense_mask(q_len=length, k_len=length, causal=False,
                                             q_segment_ids=segment_ids_BxL,
                                             kv_segment_ids=segment_ids_BxL)
-        bias_1xHxLxL = t5_layers.RelativePositionBiases(
-            num_buckets=cfg.relative_attention_num_buckets,
-            max_distance=cfg.relative_attention_max_distance,
-            num_heads=cfg.num_heads,
-            bidirectional=True,
-            name='relpos_bias',
-        )(length, length)
-
-        x_BxLxD = self.shared_embedding(tokens_BxL).astype(dtype)
-        x_BxLxD = nn.with_logical_constraint(x_BxLxD, layers.BLE)
-        x_BxLxD = drop(x_BxLxD, deterministic=not enable_dropout)
+        bias_1xHxLxL = _relpos_bias(cfg, length, bidirectional=True)
+        x_BxLxD = drop(_embed(self.shared_embedding, tokens_BxL, dtype),
+                       deterministic=not enable_dropout)
         x_BxLxD = _stack(t5_layers.EncoderLayer, cfg, cfg.num_encoder_layers, enable_dropout,
                          x_BxLxD, bias_1xHxLxL, mask_Bx1xLxL)
         x_BxLxD = layers.RMSNorm(dtype=dtype, name='encoder_norm')(x_BxLxD)
@@ -158,17 +164,9 @@ class Decoder(nn.Module):
                                           causal=False, q_segment_ids=decoder_segment_ids_BxL,
                                           kv_segment_ids=encoder_segment_ids_BxE)
 
-        bias_1xHxLxL = t5_layers.RelativePositionBiases(
-            num_buckets=cfg.relative_attention_num_buckets,
-            max_distance=cfg.relative_attention_max_distance,
-            num_heads=cfg.num_heads,
-            bidirectional=False,
-            name='relpos_bias',
-        )(length, length)
-
-        y_BxLxD = self.shared_embedding(tokens_BxL).astype(dtype)
-        y_BxLxD = nn.with_logical_constraint(y_BxLxD, layers.BLE)
-        y_BxLxD = drop(y_BxLxD, deterministic=not enable_dropout)
+        bias_1xHxLxL = _relpos_bias(cfg, length, bidirectional=False)
+        y_BxLxD = drop(_embed(self.shared_embedding, tokens_BxL, dtype),
+                       deterministic=not enable_dropout)
         y_BxLxD = _stack(t5_layers.DecoderLayer, cfg, cfg.num_decoder_layers, enable_dropout,
                          y_BxLxD, encoded_BxExD, bias_1xHxLxL, self_mask, cross_mask)
         y_BxLxD = layers.RMSNorm(dtype=dtype, name='decoder_norm')(y_BxLxD)
