@@ -35,8 +35,7 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--search", action="store_true", help="find the largest batch that fits")
     p.add_argument("--search_bindings", action="append", default=[],
                    help="LABEL:BINDING[;BINDING...], one search per flag (implies --search)")
-    p.add_argument("--max_batch_per_shard", type=int, default=4096,
-                   help="upper end of the search")
+    p.add_argument("--max_batch_per_shard", type=int, default=4096, help="search upper end")
     p.add_argument("--json_out", help="also write the report(s) here as JSON")
     return launcher.parse_flags(p, argv)
 

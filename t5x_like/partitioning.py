@@ -24,7 +24,6 @@ each slice's fast interconnect (ICI). The other axis sizes are per slice.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -153,16 +152,16 @@ class Partitioner:
     means "the remaining devices", so the same config runs on 1, 8 or 256 devices.
     `num_slices` > 1 splits the devices into that many slices joined over DCN; the
     parallelism sizes are then per slice and `data` also spans the slices.
-    `fsdp_min_size` keeps state leaves with fewer elements replicated instead of
-    split over `fsdp` (big_vision's threshold; off by default: see
-    benchmarks/RESULTS.md, "FSDP size threshold").
+
+    Every tensor with an `embed` axis is split under FSDP, however small: keeping
+    small ones replicated (big_vision's size threshold) did not change the step time
+    on the 8-device CPU mesh (benchmarks/RESULTS.md, "FSDP size threshold").
     """
 
     def __init__(self, *, data_parallelism: int = -1, fsdp_parallelism: int = 1,
                  tensor_parallelism: int = 1, devices: Sequence[jax.Device] | None = None,
-                 num_slices: int = 1, fsdp_min_size: int = 0):
+                 num_slices: int = 1):
         self.num_slices = num_slices
-        self.fsdp_min_size = fsdp_min_size
         self.mesh = make_mesh(data=data_parallelism, fsdp=fsdp_parallelism,
                               model=tensor_parallelism, devices=devices,
                               num_slices=num_slices)
@@ -194,25 +193,13 @@ class Partitioner:
                              "partitioning.LOGICAL_AXIS_RULES.")
         return nn.logical_to_mesh_axes(tuple(logical_axes), self.rules)
 
-    def sharding(self, logical_axes: Sequence[str | None],
-                 shape: Sequence[int] | None = None) -> NamedSharding:
-        """The sharding of an array with these logical axes (and, for state, shape)."""
-        spec = self.logical_to_mesh_spec(logical_axes)
-        if shape is not None and math.prod(shape) < self.fsdp_min_size:
-            spec = _without_axis(spec, "fsdp")
-        return NamedSharding(self.mesh, spec)
+    def sharding(self, logical_axes: Sequence[str | None]) -> NamedSharding:
+        return NamedSharding(self.mesh, self.logical_to_mesh_spec(logical_axes))
 
-    def shardings(self, logical_specs: Any, abstract: Any = None) -> Any:
-        """Maps a tree of logical PartitionSpecs to a tree of NamedShardings.
-
-        With `abstract` (the same tree of arrays or ShapeDtypeStructs), leaves below
-        `fsdp_min_size` elements stay replicated over `fsdp`.
-        """
-        is_spec = lambda x: isinstance(x, PartitionSpec)
-        if abstract is None:
-            return jax.tree.map(self.sharding, logical_specs, is_leaf=is_spec)
-        return jax.tree.map(lambda spec, leaf: self.sharding(spec, leaf.shape),
-                            logical_specs, abstract, is_leaf=is_spec)
+    def shardings(self, logical_specs: Any) -> Any:
+        """Maps a tree of logical PartitionSpecs to a tree of NamedShardings."""
+        return jax.tree.map(self.sharding, logical_specs,
+                            is_leaf=lambda x: isinstance(x, PartitionSpec))
 
     def batch_sharding(self, ndim: int = 2) -> NamedSharding:
         return self.sharding(("batch",) + (None,) * (ndim - 1))
@@ -220,17 +207,6 @@ class Partitioner:
     def context(self):
         """Context in which model code is traced: mesh + logical rules active."""
         return _MeshAndRules(self.mesh, self.rules)
-
-
-def _without_axis(spec: PartitionSpec, axis: str) -> PartitionSpec:
-    def drop(entry):
-        if entry == axis:
-            return None
-        if isinstance(entry, tuple):
-            kept = tuple(a for a in entry if a != axis)
-            return kept if len(kept) > 1 else (kept[0] if kept else None)
-        return entry
-    return PartitionSpec(*(drop(e) for e in spec))
 
 
 @dataclasses.dataclass

@@ -127,7 +127,7 @@ def state_layout(*, model: Model, optimizer: Optimizer, partitioner: Partitioner
         abstract.opt_state, abstract.params, param_specs, optimizer.transform)
     logical = TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs)
     return StateLayout(abstract=abstract, logical_specs=logical,
-                       shardings=partitioner.shardings(logical, abstract))
+                       shardings=partitioner.shardings(logical))
 
 
 def init_train_state(*, model: Model, optimizer: Optimizer, partitioner: Partitioner,

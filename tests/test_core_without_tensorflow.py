@@ -17,8 +17,8 @@ class NoTensorFlow(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, NoTensorFlow())
 import jax
 from t5x_like import checkpoints, gin_config, metrics, optimizers, param_table, partitioning
-from t5x_like import train, trainer
-from t5x_like.models import layers, losses, t5
+from t5x_like import aot, launcher, run_config, train, trainer
+from t5x_like.models import decoder, layers, losses, t5, t5_layers
 
 model = t5.EncoderDecoderModel(config=t5.T5Config(
     vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,

@@ -59,13 +59,6 @@ def test_an_fsdp_mesh_really_splits_parameters():
                                     tensor_parallelism=2).strategy == "DP x FSDP x TP"
 
 
-def test_small_state_leaves_stay_replicated_below_the_fsdp_threshold():
-    part = partitioning.Partitioner(data_parallelism=1, fsdp_parallelism=8,
-                                    fsdp_min_size=1024)
-    assert part.sharding(("embed",), shape=(256,)).spec == P(None)
-    assert part.sharding(("embed", "mlp"), shape=(256, 64)).spec == P("fsdp", None)
-
-
 def test_host_local_batch_becomes_sharded_global_array():
     part = partitioning.Partitioner(data_parallelism=4, fsdp_parallelism=2)
     local = {"tokens": np.arange(8 * 3, dtype=np.int32).reshape(8, 3)}
