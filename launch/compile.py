@@ -20,6 +20,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")   # compile-only: never claim a lo
 
 
 def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    from t5x_like.data import converters
     from t5x_like.gin_config import split_gin_shorthand
     argv, shorthand = split_gin_shorthand(argv)
     p = argparse.ArgumentParser(description=__doc__,
@@ -33,7 +34,7 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--batch_size", type=int, help="Global batch (default: gin BATCH_SIZE).")
     p.add_argument("--feature_lengths", help="Task lengths, e.g. inputs=512,targets=114 "
                    "(default: gin TASK_FEATURE_LENGTHS).")
-    p.add_argument("--feature_converter", choices=["enc_dec", "lm", "prefix_lm"])
+    p.add_argument("--feature_converter", choices=sorted(converters.CONVERTERS))
     p.add_argument("--search", action="store_true", help="Find the largest batch that fits.")
     p.add_argument("--search_bindings", action="append", default=[],
                    help="LABEL:BINDING[;BINDING...], one search per flag (implies --search).")

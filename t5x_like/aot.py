@@ -7,7 +7,8 @@ and batch are given as `jax.ShapeDtypeStruct`s carrying their shardings, and XLA
 TPU compiler compiles the same jitted step `train()` runs. From the executable we
 read the per-device memory (parameters, optimizer state, batch, temporaries) and
 the FLOPs per step, and compare with the chip's HBM. No data stack is needed: the
-batch shapes come from the task feature lengths and the feature converter kind.
+batch shapes come from the task feature lengths and the feature converter kind
+(`t5x_like.data.converters`, the description training uses too).
 
     python -m launch.compile --gin_file=configs/base.gin \\
         --gin_file=configs/models/t5_1_1_xl.gin --gin_file=configs/partitioning/fsdp.gin \\
@@ -36,46 +37,13 @@ import jax
 import jax.numpy as jnp
 
 from t5x_like import partitioning, topologies, trainer
+from t5x_like.data import converters
 from t5x_like.optimizers import Optimizer
 
 GiB = topologies.GiB
 
 
 # --------------------------------------------------------------------------- batch shapes
-
-def model_feature_lengths(task_feature_lengths: Mapping[str, int], *,
-                          converter: str = "enc_dec", pack: bool = True) -> dict[str, int]:
-    """The batch features a seqio feature converter produces, and their lengths.
-
-    Mirrors seqio's EncDec / LM / PrefixLM converters (tests check it against them)
-    so compiling needs neither seqio nor TensorFlow.
-    """
-    inputs, targets = task_feature_lengths.get("inputs"), task_feature_lengths.get("targets")
-    if targets is None:
-        raise ValueError(f"task feature lengths need 'targets'; got {dict(task_feature_lengths)}")
-    if converter == "enc_dec":
-        if inputs is None:
-            raise ValueError("the enc_dec converter needs 'inputs' and 'targets' lengths.")
-        out = {"encoder_input_tokens": inputs}
-        if pack:
-            out.update(encoder_segment_ids=inputs, encoder_positions=inputs)
-        decoder_length = targets
-    elif converter == "lm":
-        out, decoder_length = {}, targets
-    elif converter == "prefix_lm":
-        if inputs is None:
-            raise ValueError("the prefix_lm converter needs 'inputs' and 'targets' lengths.")
-        decoder_length = inputs + targets
-        out = {"decoder_causal_attention": decoder_length}
-    else:
-        raise ValueError(f"Unknown feature converter {converter!r}; "
-                         "use 'enc_dec', 'lm' or 'prefix_lm'.")
-    out.update(decoder_target_tokens=decoder_length, decoder_input_tokens=decoder_length,
-               decoder_loss_weights=decoder_length)
-    if pack:
-        out.update(decoder_segment_ids=decoder_length, decoder_positions=decoder_length)
-    return out
-
 
 def abstract_batch(feature_lengths: Mapping[str, int], *, batch_size: int,
                    partitioner: partitioning.Partitioner) -> dict[str, jax.ShapeDtypeStruct]:
@@ -330,8 +298,8 @@ def _feature_lengths_from_gin(bindings: Mapping[str, Any],
                 raise ValueError("No feature lengths: set TASK_FEATURE_LENGTHS in gin or "
                                  "pass --feature_lengths=inputs=512,targets=114.") from None
     converter = feature_converter or data_kwargs.get("feature_converter", "enc_dec")
-    return model_feature_lengths(task_feature_lengths, converter=converter,
-                                 pack=data_kwargs.get("pack", True))
+    return converters.model_feature_lengths(task_feature_lengths, converter=converter,
+                                            pack=data_kwargs.get("pack", True))
 
 
 def to_json(reports: Sequence[FitReport]) -> str:

@@ -10,9 +10,10 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from data import tasks, user_tasks
-from t5x_like import data_sources, vocabularies
-from t5x_like.input_pipeline import SeqioDataSource
+from data import tasks
+from t5x_like.data import user_tasks
+from t5x_like.data import sources as data_sources, vocabularies
+from t5x_like.data.pipeline import SeqioDataSource
 
 VOCAB = tasks.pydocs_vocabulary()
 GOOD = ["first document about lists", "second one, on dicts", "third: sets and tuples"]
@@ -145,11 +146,11 @@ def test_gin_registers_a_user_task_with_a_chosen_vocabulary(tmp_path):
     try:
         gin.parse_config(f"""
 from __gin__ import dynamic_registration
-from data import user_tasks
-from t5x_like import input_pipeline
-from t5x_like import vocabularies
+from t5x_like.data import pipeline
+from t5x_like.data import user_tasks
+from t5x_like.data import vocabularies
 
-input_pipeline.SeqioDataSource:
+pipeline.SeqioDataSource:
   mixture_or_task_name = @user_tasks.register_text_task()
   task_feature_lengths = {{'targets': 16}}
   feature_converter = 'lm'
