@@ -167,3 +167,15 @@ vocabularies.sentencepiece.path = '{tasks.VOCAB_PATH}'
     assert source.mixture_or_task_name == "t_gin"
     expected = _expected(GOOD)
     np.testing.assert_array_equal(_lm_stream("t_gin", len(expected)), expected)
+
+
+def test_the_package_ships_the_bundled_vocabulary_byte_for_byte():
+    """The default vocabulary lives in the package (t5x_like/data/vocab, package data)
+    and is the model data/build_corpus.py reproduces (digest in SOURCE.md)."""
+    import hashlib
+    import pathlib
+    shipped = pathlib.Path(vocabularies.BUNDLED_SENTENCEPIECE)
+    assert shipped.parent.parent == pathlib.Path(vocabularies.__file__).parent
+    assert shipped.read_bytes() == tasks.VOCAB_PATH.read_bytes()
+    source_md = (tasks.DATA_DIR / "corpus" / "SOURCE.md").read_text()
+    assert hashlib.sha256(shipped.read_bytes()).hexdigest() in source_md
