@@ -1,6 +1,6 @@
 """What a restart costs the data pipeline, by step: replaying vs a saved position.
 
-    .venv/bin/python -m benchmarks.resume [--max_step 10000] [--jsonl_gb 25]
+    .venv/bin/python -m benchmarks.resume [--steps 0,1000,2000,5000,10000] [--jsonl_gb 26]
 
 A restarted run must see exactly the batches an uninterrupted run would. Before
 (issue 13) the pipeline was rebuilt and replayed: `start_step` batches made and
@@ -16,13 +16,14 @@ thrown away. Now each data shard restores the position saved in the checkpoint
 2. A user JSONL task larger than this machine's memory (generated under /tmp,
    --jsonl_gb, deleted afterwards; not cached), the same way at smaller steps.
 3. Step 1,000,000. No pipeline can be advanced that far here (hours of work), so
-   the real-pipeline rows stop at --max_step. What changes in a position as the
-   step grows is only counters: the epoch count, and the draws of the shuffle and
-   span-corruption RNGs (32 per step). Row 3 advances a pipeline made of those
-   stateful stages (seeded random stream -> repeat -> shuffle 1000 -> batch 32) to
-   step 1,000,000 (32M elements, in C++), saves its position and restores it:
-   restoring costs the same as at step 0 and yields the same next batches, so the
-   RNGs are restored by skipping their counters, not by replaying them.
+   the real-pipeline rows stop at the last of --steps. What changes in a position as
+   the step grows is only counters: the epoch count, and the draws of the shuffle
+   and span-corruption RNGs (32 each per step); the buffers stay the same size. Part
+   3 advances a pipeline made of those stateful stages (epochs repeated, a seed
+   stream drawn across epochs, shuffle 1000, batch 32) to step 1,000,000 (32M
+   elements, in C++), saves its position and restores it into a fresh pipeline:
+   the next batches are those of the advanced pipeline, and the restore time says
+   what the counters cost (TensorFlow restores an RNG by skipping its counter).
 The replay time at 1,000,000 is extrapolated from the measured replay rate.
 Prints tables and writes benchmarks/results/resume.json.
 """
@@ -96,8 +97,12 @@ def pipeline_rows(source, *, steps, replay_steps, label) -> list[dict]:
 def counters_at_target(*, target_step: int) -> dict:
     """The step-dependent parts of a position (RNG draws, epochs) at `target_step`."""
     def build():
-        ds = tf.data.Dataset.random(seed=7).take(1_000).repeat()   # epochs of 1000
-        return ds.shuffle(1_000, seed=3).batch(BATCH)
+        # As in a task: epochs of examples (1000 here) repeated, a per-example seed
+        # stream drawn across epochs (seqio's map seeds), a seeded shuffle, batches.
+        examples = tf.data.Dataset.range(1_000).repeat()
+        seeds = tf.data.Dataset.random(seed=7)
+        ds = tf.data.Dataset.zip(examples, seeds)
+        return ds.shuffle(1_000, seed=3).batch(BATCH).map(lambda i, seed: i * 7 + seed)
 
     def position_at(step):
         it = iter(build().skip(step))
