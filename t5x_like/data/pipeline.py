@@ -24,9 +24,10 @@ to. Why this design:
     give a position of a few bytes, but needs random access into a pre-tokenized
     corpus and a different shuffle, i.e. a different data stream for every run.
   * the cost is the position's size: it holds the shuffle buffer (1000 examples) and
-    seqio's packing window (up to max(length) examples), about 2.5 MB per shard
-    compressed at 512/114 (benchmarks/RESULTS.md, "Resume"). Tokens cached in memory
-    are a constant of the pipeline, not part of the position (user_tasks).
+    seqio's packing window (up to max(length) examples), about 3.2 MB per shard
+    compressed at 512/114, whatever the step (benchmarks/RESULTS.md, "Resume"), and
+    0.5-1 s to serialize at each checkpoint. Tokens cached in memory are a constant
+    of the pipeline, not part of the position (user_tasks).
 A position from a different pipeline (other task, lengths, seed, batch or shards) or
 an unreadable one is never applied: the iterator then replays `start_step` batches
 from the start (exact, but its cost grows with the step), saying so in the log.
