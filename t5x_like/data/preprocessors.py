@@ -439,7 +439,7 @@ def prefix_lm(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
 
 
 # ---------------------------------------------------------------------------
-# The objectives a task can be registered with (data.user_tasks, data/tasks.py).
+# The objectives a task can be registered with (user_tasks.py, data/tasks.py).
 # ---------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
