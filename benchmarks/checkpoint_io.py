@@ -31,7 +31,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from t5x_like import checkpoints, optimizers, partitioning, synthetic_data, trainer  # noqa: E402
+from t5x_like import checkpoints, optimizers, partitioning, trainer  # noqa: E402
+from t5x_like.data import synthetic  # noqa: E402
 from t5x_like.models import t5  # noqa: E402
 
 GB = 1e9
@@ -97,7 +98,7 @@ def async_overhead(directory, steps=12, save_at=4):
     model = t5.EncoderDecoderModel(config=config)
     part = partitioning.Partitioner()
     opt = optimizers.adafactor(learning_rate=optimizers.rsqrt_schedule())
-    source = synthetic_data.SyntheticEncDecSource(encoder_length=128, decoder_length=32,
+    source = synthetic.SyntheticEncDecSource(encoder_length=128, decoder_length=32,
                                                   vocab_size=8100)
     lengths = source.model_feature_lengths()
     layout = trainer.state_layout(model=model, optimizer=opt, partitioner=part,

@@ -37,7 +37,8 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 
 from benchmarks.model_step import load_model  # noqa: E402
-from t5x_like import optimizers, partitioning, synthetic_data, trainer  # noqa: E402
+from t5x_like import optimizers, partitioning, trainer  # noqa: E402
+from t5x_like.data import synthetic  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "fsdp_threshold.json"
@@ -68,7 +69,7 @@ def _without_fsdp(sharding, shape, threshold):
 def build(model, part_kwargs, threshold):
     part = partitioning.Partitioner(**part_kwargs)
     optimizer = optimizers.adafactor(learning_rate=optimizers.rsqrt_schedule(warmup_steps=100))
-    source = synthetic_data.SyntheticEncDecSource(encoder_length=ENC_LEN,
+    source = synthetic.SyntheticEncDecSource(encoder_length=ENC_LEN,
                                                   decoder_length=DEC_LEN, vocab_size=8192)
     lengths = source.model_feature_lengths()
     layout = trainer.state_layout(model=model, optimizer=optimizer, partitioner=part,

@@ -8,7 +8,7 @@
 Each row builds a model from its gin file (configs/models/*.gin, plus --gin
 bindings), initialises it sharded data-parallel over all local devices, and runs
 the real jitted train step (AdamW, state donated) on synthetic batches
-(t5x_like.synthetic_data; no TensorFlow). It reports compile time, step time,
+(t5x_like.data.synthetic; no TensorFlow). It reports compile time, step time,
 target tokens/s and MFU against a peak measured here on a large matmul in the
 compute dtype (so MFU is "fraction of what this machine's matmul unit delivers").
 
@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from t5x_like import optimizers, partitioning, synthetic_data, trainer
+from t5x_like import optimizers, partitioning, trainer
+from t5x_like.data import synthetic
 from t5x_like.models import decoder, t5
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -108,11 +109,11 @@ def run_row(name, batch, dec_len, enc_len, bindings, *, steps, peaks):
     model = load_model(name, bindings)
     cfg = model.config
     if isinstance(model, decoder.DecoderOnlyModel):
-        source = synthetic_data.SyntheticDecoderSource(decoder_length=dec_len, vocab_size=cfg.vocab_size,
+        source = synthetic.SyntheticDecoderSource(decoder_length=dec_len, vocab_size=cfg.vocab_size,
                                                        pack_segments=2)
         flops_per_step = batch * dec_len * decoder_flops_per_token(cfg, dec_len)
     else:
-        source = synthetic_data.SyntheticEncDecSource(encoder_length=enc_len, decoder_length=dec_len,
+        source = synthetic.SyntheticEncDecSource(encoder_length=enc_len, decoder_length=dec_len,
                                                       vocab_size=cfg.vocab_size)
         flops_per_step = batch * encdec_flops_per_sequence(cfg, enc_len, dec_len)
     part = partitioning.Partitioner()

@@ -12,7 +12,8 @@ effects, e.g. ``antigravity`` opens a browser).
 Outputs (all deterministic for a given Python installation):
   data/corpus/pydocs_train.txt        one document per line
   data/corpus/pydocs_validation.txt   ~2% held out by a stable hash of the text
-  data/vocab/pydocs_8k.model/.vocab   SentencePiece unigram, 8000 pieces
+  data/vocab/pydocs_8k.model/.vocab   SentencePiece unigram, 8000 pieces (the package
+                                      ships this file: t5x_like/data/vocab links here)
   data/corpus/SOURCE.md, LICENSE      provenance and the PSF licence text
 """
 

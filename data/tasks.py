@@ -13,8 +13,8 @@ splits 'train' and 'validation':
                           'enc_dec' converter (T5's two pretraining objectives) and
                           with 'prefix_lm' (UL2-style, for a decoder-only model).
 
-The tasks are built with `data.user_tasks`, the same calls users make for their own
-data. Paths are derived from this file, so they work from any working directory;
+The tasks are built with `t5x_like.data.user_tasks`, the same calls users make for
+their own data. Paths are derived from this file, so they work from any working directory;
 re-importing (or importlib.reload) replaces the registrations instead of failing.
 """
 
@@ -24,8 +24,7 @@ import pathlib
 
 import seqio
 
-from data import user_tasks
-from t5x_like import vocabularies
+from t5x_like.data import user_tasks, vocabularies
 
 DATA_DIR = pathlib.Path(__file__).resolve().parent
 VOCAB_PATH = DATA_DIR / "vocab" / "pydocs_8k.model"

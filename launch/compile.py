@@ -23,6 +23,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")   # compile-only: never claim a lo
 
 
 def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    from t5x_like.data import converters
     p = launcher.flag_parser(__doc__, prog="python -m launch.compile")
     p.add_argument("--topology", required=True,
                    help="v5p-128, v4-32, v5litepod-16, v6e-64, v5e:4x4, 2xv5p-128, ...")
@@ -30,7 +31,7 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--batch_size", type=int, help="global batch (default: the run's)")
     p.add_argument("--feature_lengths", help="task lengths, e.g. inputs=512,targets=114 "
                    "(default: the run's data source; given, no data source is built)")
-    p.add_argument("--feature_converter", choices=["enc_dec", "lm", "prefix_lm"],
+    p.add_argument("--feature_converter", choices=sorted(converters.CONVERTERS),
                    help="with --feature_lengths: the batch layout (default enc_dec)")
     p.add_argument("--search", action="store_true", help="find the largest batch that fits")
     p.add_argument("--search_bindings", action="append", default=[],

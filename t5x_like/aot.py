@@ -38,45 +38,12 @@ import jax
 import jax.numpy as jnp
 
 from t5x_like import gin_config, partitioning, run_config, topologies
+from t5x_like.data import converters
 
 GiB = topologies.GiB
 
 
 # --------------------------------------------------------------------------- batch shapes
-
-def model_feature_lengths(task_feature_lengths: Mapping[str, int], *,
-                          converter: str = "enc_dec", pack: bool = True) -> dict[str, int]:
-    """The batch features a seqio feature converter produces, and their lengths.
-
-    Mirrors seqio's EncDec / LM / PrefixLM converters (tests check it against them)
-    so compiling needs neither seqio nor TensorFlow.
-    """
-    inputs, targets = task_feature_lengths.get("inputs"), task_feature_lengths.get("targets")
-    if targets is None:
-        raise ValueError(f"task feature lengths need 'targets'; got {dict(task_feature_lengths)}")
-    if converter == "enc_dec":
-        if inputs is None:
-            raise ValueError("the enc_dec converter needs 'inputs' and 'targets' lengths.")
-        out = {"encoder_input_tokens": inputs}
-        if pack:
-            out.update(encoder_segment_ids=inputs, encoder_positions=inputs)
-        decoder_length = targets
-    elif converter == "lm":
-        out, decoder_length = {}, targets
-    elif converter == "prefix_lm":
-        if inputs is None:
-            raise ValueError("the prefix_lm converter needs 'inputs' and 'targets' lengths.")
-        decoder_length = inputs + targets
-        out = {"decoder_causal_attention": decoder_length}
-    else:
-        raise ValueError(f"Unknown feature converter {converter!r}; "
-                         "use 'enc_dec', 'lm' or 'prefix_lm'.")
-    out.update(decoder_target_tokens=decoder_length, decoder_input_tokens=decoder_length,
-               decoder_loss_weights=decoder_length)
-    if pack:
-        out.update(decoder_segment_ids=decoder_length, decoder_positions=decoder_length)
-    return out
-
 
 def abstract_batch(feature_lengths: Mapping[str, int], *, batch_size: int,
                    partitioner: partitioning.Partitioner) -> dict[str, jax.ShapeDtypeStruct]:
@@ -282,8 +249,8 @@ def run_from_gin(*, gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
             raise ValueError("--feature_converter needs --feature_lengths; without them "
                              "the run's data source decides both.")
         return run_config.from_gin(**overrides), None
-    lengths = model_feature_lengths(task_feature_lengths,
-                                    converter=feature_converter or "enc_dec")
+    lengths = converters.model_feature_lengths(task_feature_lengths,
+                                               converter=feature_converter or "enc_dec")
     return run_config.from_gin(train_data=None, **overrides), lengths
 
 

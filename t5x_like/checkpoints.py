@@ -1,9 +1,15 @@
 """Every Orbax call in the project lives here, so an Orbax API move costs one file.
 
-A checkpoint holds two items: `state` (the sharded TrainState) and `data` (a small
-JSON record of the input position, so a resumed run sees the batches an
-uninterrupted run would have seen). Saves are asynchronous: the step loop goes on
-while the arrays are written in the background.
+A checkpoint holds three items: `state` (the sharded TrainState), `data` (a small
+JSON record of the data settings: step, global batch, seed, number of data shards)
+and `data_positions` (one file per data shard: where that shard's input pipeline
+is, so a resumed run continues it in constant time and sees the batches an
+uninterrupted run would have seen). All three are written into the same step
+directory and committed by the same atomic rename. Each process writes the
+positions of the shards it owns and, on restore, reads those it owns now, so a run
+can resume on any process count that divides the number of shards (the layout
+Grain's Orbax handler uses). Saves are asynchronous: the step loop goes on while the
+arrays are written in the background; positions are small and written at once.
 
 Never losing a run:
 - Orbax writes each step into a temporary directory and renames it when complete,
@@ -28,6 +34,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +47,47 @@ class CheckpointWriteError(RuntimeError):
     """Writing a checkpoint failed (disk full, no permission...)."""
 
 
+DATA_POSITIONS = "data_positions"
+
+
+def _shard_file(shard: int, num_shards: int) -> str:
+    return f"shard_{shard:05d}_of_{num_shards:05d}.position"
+
+
+class ShardPositionsHandler(ocp.CheckpointHandler):
+    """Writes and reads data-shard positions (opaque bytes), one file per shard.
+
+    Every process calls `save` with the shards it owns; `restore` reads the shards
+    asked for, whichever process wrote them.
+    """
+
+    def save(self, directory, args: "ShardPositionsSave") -> None:
+        for shard, position in args.positions.items():
+            (directory / _shard_file(shard, args.num_shards)).write_bytes(position)
+
+    def restore(self, directory, args: "ShardPositionsRestore") -> dict[int, bytes]:
+        return {shard: (directory / _shard_file(shard, args.num_shards)).read_bytes()
+                for shard in args.shards}
+
+
+@ocp.args.register_with_handler(ShardPositionsHandler, for_save=True)
+@dataclasses.dataclass
+class ShardPositionsSave(ocp.args.CheckpointArgs):
+    positions: Mapping[int, bytes]
+    num_shards: int
+
+
+@ocp.args.register_with_handler(ShardPositionsHandler, for_restore=True)
+@dataclasses.dataclass
+class ShardPositionsRestore(ocp.args.CheckpointArgs):
+    shards: Sequence[int]
+    num_shards: int
+
+
 def _item_handlers(state_handler: ocp.CheckpointHandler | None = None) -> dict:
     return {"state": state_handler or ocp.StandardCheckpointHandler(),
-            "data": ocp.JsonCheckpointHandler()}
+            "data": ocp.JsonCheckpointHandler(),
+            DATA_POSITIONS: ShardPositionsHandler()}
 
 
 def _path_str(path: Sequence[Any]) -> str:
@@ -86,17 +131,23 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, step: int, state: Any, *, data_position: dict) -> None:
+    def save(self, step: int, state: Any, *, data_position: dict,
+             shard_positions: Mapping[int, bytes] | None = None,
+             num_data_shards: int | None = None) -> None:
         """Starts an async save of `state` and the data position at `step`.
 
-        Errors of the previous async save surface here (or in `wait_until_finished`)
-        as CheckpointWriteError naming the step and the last complete checkpoint.
+        `shard_positions`: {shard: position} of the data shards this process owns
+        (out of `num_data_shards`), saved alongside. Errors of the previous async
+        save surface here (or in `wait_until_finished`) as CheckpointWriteError
+        naming the step and the last complete checkpoint.
         """
+        items = {"state": ocp.args.StandardSave(state),
+                 "data": ocp.args.JsonSave(data_position)}
+        if shard_positions is not None:
+            items[DATA_POSITIONS] = ShardPositionsSave(positions=dict(shard_positions),
+                                                       num_shards=num_data_shards)
         self._raise_write_error_from(lambda: self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                    data=ocp.args.JsonSave(data_position)),
-            force=True), step)
+            step, args=ocp.args.Composite(**items), force=True), step)
         self._pending_step = step
 
     def wait_until_finished(self) -> None:
@@ -141,6 +192,18 @@ class Checkpointer:
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                     data=ocp.args.JsonRestore()))
         return restored.state, dict(restored.data)
+
+    def read_shard_positions(self, step: int, *, shards: Sequence[int],
+                             num_data_shards: int) -> dict[int, bytes] | None:
+        """The saved positions of `shards` at `step`; None if the checkpoint has none
+        (written before positions were saved, or by a run with other data shards)."""
+        item = epath.Path(self.directory) / str(step) / DATA_POSITIONS
+        if not all((item / _shard_file(s, num_data_shards)).exists() for s in shards):
+            return None
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{
+            DATA_POSITIONS: ShardPositionsRestore(shards=list(shards),
+                                                  num_shards=num_data_shards)}))
+        return dict(restored[DATA_POSITIONS])
 
     def read_state(self, step: int) -> Any:
         """The saved state as a tree of arrays on one device, for inspection/export."""

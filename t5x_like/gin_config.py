@@ -16,6 +16,9 @@ from collections.abc import Sequence
 import gin
 
 _REQUIRED_RE = re.compile(r"(\S+)/macro\.value set to `%gin\.REQUIRED`")
+# The folder holding the shipped `configs/` (package data; a link in a checkout), so
+# `configs/...` files and includes resolve from any directory in an installed copy.
+SHIPPED_CONFIGS_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 class GinConfigError(ValueError):
@@ -38,7 +41,7 @@ def parse(*, gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
     """Parses and finalises the config; raises GinConfigError on any problem."""
     if not gin_files:
         raise GinConfigError("No --gin_file given; e.g. --gin_file=configs/base.gin.")
-    paths = [os.getcwd(), *search_paths]
+    paths = [os.getcwd(), *search_paths, SHIPPED_CONFIGS_ROOT]
     for path in dict.fromkeys(paths):
         gin.add_config_file_search_path(path)
     for gin_file in gin_files:
@@ -49,7 +52,7 @@ def parse(*, gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
     try:
         gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings),
                                             finalize_config=True)
-    except (ValueError, IOError, SyntaxError) as e:
+    except (ValueError, IOError, SyntaxError, ImportError) as e:
         raise GinConfigError(_explain(e)) from e
 
 
@@ -60,6 +63,11 @@ def _explain(error: Exception) -> str:
         name = required.group(1)
         return (f"Gin macro {name} is %gin.REQUIRED but was not set. Set it in a gin file "
                 f"or on the command line, e.g. --gin.{name}=...")
+    if "No module named 'data'" in message:
+        return (f"Invalid gin configuration: {message.strip()}\nA gin file imports "
+                "`data.tasks` (the bundled pydocs tasks), which lives in the repository's "
+                "data/ folder: run from a checkout, or train on your own task "
+                "(include 'configs/runs/cpu_pretrain.gin'; README, 'Your own data').")
     if "No configurable matching" in message or "doesn't have a parameter named" in message:
         return (f"Unknown gin binding: {message.strip()}\nCheck the spelling against the "
                 "function or class signature (and the module import in the gin file).")

@@ -14,27 +14,33 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
 import gin
 import jax
-import numpy as np
 
-from t5x_like import (checkpoints, host_batches, metrics as metrics_lib, param_table,
-                      partitioning, preemption, trainer)
+from t5x_like import (checkpoints, metrics as metrics_lib, param_table, partitioning,
+                      preemption, trainer)
+from t5x_like.data import host_batches
 from t5x_like.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 
 
 class DataSource(Protocol):
-    """What train() needs from the input pipeline (see input_pipeline.py)."""
+    """What train() needs from the input pipeline (see t5x_like/data/pipeline.py).
+
+    `iterator` opens one data shard at `start_step`, continuing from `position` (what
+    the shard's `position()` returned at that step, saved in the checkpoint) when
+    given; without one it must reach the step by itself (e.g. by replaying).
+    """
 
     def model_feature_lengths(self) -> Mapping[str, int]: ...
 
     def iterator(self, *, per_host_batch_size: int, shard_index: int, num_shards: int,
-                 start_step: int) -> Iterator[dict[str, np.ndarray]]: ...
+                 start_step: int, position: bytes | None = None
+                 ) -> host_batches.ShardIterator: ...
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -101,10 +107,9 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
         max_to_keep=keep_checkpoints, keep_period=keep_checkpoint_period,
         async_save=async_checkpointing)
     restored = checkpointer.restore_latest(abstract_state=layout.abstract_with_shardings())
+    saved_data = None
     if restored is not None:
-        restored_step, state, data_position = restored
-        _check_data_position(data_position, batch_size=batch_size, seed=seed,
-                             num_data_shards=num_data_shards)
+        restored_step, state, saved_data = restored
         log.info("Resumed from checkpoint at step %d in %s", restored_step,
                  checkpointer.directory)
     else:
@@ -120,10 +125,16 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
     start_step = int(state.step)
 
     # ----------------------------------------------------------- data, positioned at the step
-    batches = host_batches.host_batches(
+    shards = host_batches.owned_shards(num_data_shards=num_data_shards,
+                                       process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+    positions = None if saved_data is None else _saved_shard_positions(
+        checkpointer, saved_data, step=start_step, shards=shards, batch_size=batch_size,
+        seed=seed, num_data_shards=num_data_shards)
+    batches = host_batches.HostBatches(
         train_data, global_batch_size=batch_size, num_data_shards=num_data_shards,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        start_step=start_step)
+        start_step=start_step, positions=positions)
 
     # ----------------------------------------------------------- the loop
     train_step = run.jitted_train_step(partitioner, layout, feature_lengths)
@@ -156,7 +167,9 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
                     writer.write_scalars(step, {**host_metrics, **rates})
             if is_last or preempted or step % checkpoint_every_steps == 0:
                 guard.flush()                      # never save past an unchecked step
-                checkpointer.save(step, state, data_position=data_position)
+                checkpointer.save(step, state, data_position=data_position,
+                                  shard_positions=batches.positions(),
+                                  num_data_shards=num_data_shards)
             if preempted:
                 log.warning("Preempted (SIGTERM): saved step %d; exiting cleanly. Rerun "
                             "the same command to resume.", step)
@@ -212,9 +225,36 @@ class _NonFiniteGuard:
 
 
 def _check_data_position(data_position: Mapping[str, Any], *, batch_size: int, seed: int,
-                         num_data_shards: int) -> None:
+                         num_data_shards: int) -> bool:
+    """Whether the checkpoint's data settings are this run's (warns if not)."""
     now = {"global_batch_size": batch_size, "seed": seed, "num_data_shards": num_data_shards}
     saved = {k: data_position.get(k) for k in now}
     if saved != now:
         log.warning("Checkpoint's data settings %s differ from this run's %s: the data "
                     "stream after resuming differs from the original run's.", saved, now)
+    return saved == now
+
+
+def _saved_shard_positions(checkpointer: checkpoints.Checkpointer,
+                           data_position: Mapping[str, Any], *, step: int,
+                           shards: range, batch_size: int, seed: int,
+                           num_data_shards: int) -> dict[int, bytes] | None:
+    """The saved positions of this process's shards, when they apply to this run.
+
+    Without them (a checkpoint from before positions were saved, or changed data
+    settings) each shard replays `step` batches: exact, but its cost grows with the
+    step.
+    """
+    if not _check_data_position(data_position, batch_size=batch_size, seed=seed,
+                                num_data_shards=num_data_shards):
+        return None
+    positions = checkpointer.read_shard_positions(step, shards=shards,
+                                                  num_data_shards=num_data_shards)
+    if positions is None:
+        log.warning("Checkpoint step %d has no saved input positions for data shards %s "
+                    "(written by an older version?): replaying %d batches to reach the "
+                    "step.", step, list(shards), step)
+    else:
+        log.info("Data shards %s continue from their saved positions (%s bytes).",
+                 list(shards), "+".join(str(len(p)) for p in positions.values()))
+    return positions

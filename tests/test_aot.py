@@ -21,22 +21,6 @@ def _clean_gin():
     gin_config.reset()
 
 
-@pytest.mark.parametrize("converter,lengths", [
-    ("enc_dec", {"inputs": 32, "targets": 8}),
-    ("lm", {"targets": 16}),
-    ("prefix_lm", {"inputs": 12, "targets": 4}),
-])
-@pytest.mark.parametrize("pack", [True, False])
-def test_feature_lengths_match_seqio_converters(converter, lengths, pack):
-    seqio = pytest.importorskip("seqio")
-    import functools
-    cls = {"enc_dec": seqio.EncDecFeatureConverter, "lm": seqio.LMFeatureConverter,
-           "prefix_lm": functools.partial(seqio.PrefixLMFeatureConverter,
-                                          loss_on_targets_only=True)}[converter]
-    expected = {k: int(v) for k, v in cls(pack=pack).get_model_feature_lengths(lengths).items()}
-    assert aot.model_feature_lengths(lengths, converter=converter, pack=pack) == expected
-
-
 @pytest.mark.parametrize("name,devices,hosts,hbm,topology", [
     ("v5p-128", 64, 16, 95, "v5p:4x4x4"),
     ("v4-32", 16, 4, 32, "v4:2x2x4"),

@@ -18,6 +18,7 @@ sys.meta_path.insert(0, NoTensorFlow())
 import jax
 from t5x_like import checkpoints, gin_config, metrics, optimizers, param_table, partitioning
 from t5x_like import aot, launcher, run_config, train, trainer
+from t5x_like.data import converters, host_batches, synthetic
 from t5x_like.models import decoder, layers, losses, t5, t5_layers
 
 model = t5.EncoderDecoderModel(config=t5.T5Config(
@@ -28,6 +29,12 @@ layout = trainer.state_layout(
     partitioner=partitioning.Partitioner(),
     feature_lengths={"encoder_input_tokens": 8, "decoder_target_tokens": 4})
 assert param_table.count_parameters(layout.abstract.params) > 0
+source = synthetic.SyntheticEncDecSource(encoder_length=8, decoder_length=4, vocab_size=64)
+batches = host_batches.HostBatches(source, global_batch_size=4, num_data_shards=2,
+                                   process_index=0, process_count=1, start_step=3)
+assert next(batches)["encoder_input_tokens"].shape == (4, 8)
+assert batches.positions() == {0: b'{"step": 4}', 1: b'{"step": 4}'}
+assert converters.model_feature_lengths({"targets": 8}, converter="lm")["decoder_positions"] == 8
 leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "seqio"))
 assert not leaked, leaked
 print("OK")

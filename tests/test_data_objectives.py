@@ -9,8 +9,8 @@ import seqio
 import tensorflow as tf
 
 from data import tasks
-from t5x_like import preprocessors as P
-from t5x_like.input_pipeline import SeqioDataSource
+from t5x_like.data import preprocessors as P
+from t5x_like.data.pipeline import SeqioDataSource
 
 VOCAB = tasks.pydocs_vocabulary()
 EOS, SENTINEL_FLOOR = 1, 8000

@@ -10,9 +10,10 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from data import tasks, user_tasks
-from t5x_like import data_sources, vocabularies
-from t5x_like.input_pipeline import SeqioDataSource
+from data import tasks
+from t5x_like.data import user_tasks
+from t5x_like.data import sources as data_sources, vocabularies
+from t5x_like.data.pipeline import SeqioDataSource
 
 VOCAB = tasks.pydocs_vocabulary()
 GOOD = ["first document about lists", "second one, on dicts", "third: sets and tuples"]
@@ -145,11 +146,11 @@ def test_gin_registers_a_user_task_with_a_chosen_vocabulary(tmp_path):
     try:
         gin.parse_config(f"""
 from __gin__ import dynamic_registration
-from data import user_tasks
-from t5x_like import input_pipeline
-from t5x_like import vocabularies
+from t5x_like.data import pipeline
+from t5x_like.data import user_tasks
+from t5x_like.data import vocabularies
 
-input_pipeline.SeqioDataSource:
+pipeline.SeqioDataSource:
   mixture_or_task_name = @user_tasks.register_text_task()
   task_feature_lengths = {{'targets': 16}}
   feature_converter = 'lm'
@@ -166,3 +167,15 @@ vocabularies.sentencepiece.path = '{tasks.VOCAB_PATH}'
     assert source.mixture_or_task_name == "t_gin"
     expected = _expected(GOOD)
     np.testing.assert_array_equal(_lm_stream("t_gin", len(expected)), expected)
+
+
+def test_the_package_ships_the_bundled_vocabulary_byte_for_byte():
+    """The default vocabulary lives in the package (t5x_like/data/vocab, package data)
+    and is the model data/build_corpus.py reproduces (digest in SOURCE.md)."""
+    import hashlib
+    import pathlib
+    shipped = pathlib.Path(vocabularies.BUNDLED_SENTENCEPIECE)
+    assert shipped.parent.parent == pathlib.Path(vocabularies.__file__).parent
+    assert shipped.read_bytes() == tasks.VOCAB_PATH.read_bytes()
+    source_md = (tasks.DATA_DIR / "corpus" / "SOURCE.md").read_text()
+    assert hashlib.sha256(shipped.read_bytes()).hexdigest() in source_md

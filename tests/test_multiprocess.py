@@ -57,6 +57,9 @@ def test_two_processes_match_one_and_their_checkpoints_restore_in_one(
     # The 2-process checkpoint restores in a single process and continues identically.
     log = run_train(model_dir, "--gin.TRAIN_STEPS=4", "--num_cpu_devices=8")
     assert "Resumed from checkpoint at step 2" in log
+    # Both shards (one saved by each process) continue from their saved positions.
+    assert "Data shards [0, 1] continue from their saved positions" in log
+    assert "replaying" not in log
     losses = logged_losses(model_dir)
     np.testing.assert_allclose([losses[s] for s in (1, 2, 3, 4)],
                                [one_process_8_devices[s] for s in (1, 2, 3, 4)], rtol=1e-6)
@@ -68,6 +71,9 @@ def test_one_process_checkpoint_restores_in_two(tmp_path, one_process_8_devices)
     run_train(model_dir, "--gin.TRAIN_STEPS=2", "--num_cpu_devices=8")
     logs = run_two_processes(model_dir, "--gin.TRAIN_STEPS=4")
     assert all("Resumed from checkpoint at step 2" in log for log in logs)
+    for shard, log in enumerate(logs):
+        assert f"Data shards [{shard}] continue from their saved positions" in log
+        assert "replaying" not in log
     losses = logged_losses(model_dir)
     np.testing.assert_allclose([losses[3], losses[4]],
                                [one_process_8_devices[3], one_process_8_devices[4]], rtol=1e-6)

@@ -6,7 +6,7 @@ import seqio
 import tensorflow as tf
 
 from data import tasks
-from t5x_like import preprocessors as P
+from t5x_like.data import preprocessors as P
 
 VOCAB = tasks.pydocs_vocabulary()
 FIRST_SENTINEL = VOCAB.vocab_size - 1  # 8099: 8000 pieces + 100 extra ids

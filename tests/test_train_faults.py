@@ -12,7 +12,8 @@ import pytest
 
 from launch_helpers import (checkpoint_steps, logged_losses, run_train, start_train,
                             wait_for_checkpoint)
-from t5x_like import checkpoints, optimizers, partitioning, run_config, synthetic_data
+from t5x_like import checkpoints, optimizers, partitioning, run_config
+from t5x_like.data import synthetic
 from t5x_like import train as train_lib
 from t5x_like.models import t5
 
@@ -21,7 +22,7 @@ CONFIG = t5.T5Config(vocab_size=128, emb_dim=32, num_heads=2, head_dim=16, mlp_d
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PoisonedSource(synthetic_data.SyntheticEncDecSource):
+class PoisonedSource(synthetic.SyntheticEncDecSource):
     """Adds a `poison` feature that is 1 in the batch of one chosen step."""
     poison_at_batch: int
 

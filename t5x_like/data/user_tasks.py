@@ -5,8 +5,8 @@ Each `register_*` function builds a task (source -> counted cleaning -> tokenize
 as the run's task:
 
     from __gin__ import dynamic_registration
-    from data import user_tasks
-    from t5x_like import vocabularies
+    from t5x_like.data import user_tasks
+    from t5x_like.data import vocabularies
 
     MIXTURE_OR_TASK_NAME = @user_tasks.register_text_task()
     user_tasks.register_text_task:
@@ -16,7 +16,8 @@ as the run's task:
       vocabulary = @vocabularies.sentencepiece()
     vocabularies.sentencepiece.path = '/vocabs/t5_32k.model'
 
-Objectives and the feature converter (SeqioDataSource.feature_converter) they need:
+Objectives (`preprocessors.OBJECTIVES`) and the feature converter
+(SeqioDataSource.feature_converter) they need:
   span_corruption  'inputs'/'targets'   'enc_dec' (or 'prefix_lm')
   prefix_lm        'inputs'/'targets'   'prefix_lm' or 'enc_dec'
   lm               'targets'            'lm'
@@ -28,15 +29,11 @@ from __future__ import annotations
 import functools
 from typing import Iterable, Mapping
 
+import numpy as np
 import seqio
+import tensorflow as tf
 
-from t5x_like import data_sources, preprocessors, vocabularies
-
-OBJECTIVES = {
-    "span_corruption": preprocessors.span_corruption,
-    "lm": preprocessors.causal_lm,
-    "prefix_lm": preprocessors.prefix_lm,
-}
+from t5x_like.data import preprocessors, sources, vocabularies
 # Chunks are shuffled after the objective; ~1000 mixes many documents in little memory.
 SHUFFLE_BUFFER_SIZE = 1000
 
@@ -44,14 +41,15 @@ SHUFFLE_BUFFER_SIZE = 1000
 def output_features(objective: str, vocabulary: seqio.Vocabulary
                     ) -> dict[str, seqio.Feature]:
     """The task features an objective emits (all int32 token ids, EOS-terminated)."""
-    _check_objective(objective)
-    names = ("targets",) if objective == "lm" else ("inputs", "targets")
-    return {n: seqio.Feature(vocabulary=vocabulary, add_eos=True) for n in names}
+    return {n: seqio.Feature(vocabulary=vocabulary, add_eos=True)
+            for n in _objective(objective).features}
 
 
-def _check_objective(objective: str) -> None:
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose from {sorted(OBJECTIVES)}")
+def _objective(name: str) -> preprocessors.Objective:
+    if name not in preprocessors.OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose from "
+                         f"{sorted(preprocessors.OBJECTIVES)}")
+    return preprocessors.OBJECTIVES[name]
 
 
 def _replace(registry, name: str) -> None:
@@ -59,8 +57,22 @@ def _replace(registry, name: str) -> None:
         registry.remove(name)
 
 
-def _cache_in_memory(dataset):
-    return dataset.cache()
+def _tokens_in_memory(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """This shard's tokenized documents, read once now and replayed from memory.
+
+    Yields what `dataset.cache()` would (the same documents in the same order, every
+    epoch), but the tokens are a constant of the pipeline rather than the state of
+    a cache iterator, so the input position saved in each checkpoint holds only an
+    index into them instead of a copy of the whole cache (3.3 MB per shard for the
+    bundled corpus; the corpus size for yours).
+    """
+    documents = list(dataset.as_numpy_iterator())
+    if not documents:          # nothing survived cleaning: let the emptiness check say so
+        return dataset
+    columns = {key: tf.RaggedTensor.from_row_lengths(
+        np.concatenate([d[key] for d in documents]),
+        [len(d[key]) for d in documents]) for key in documents[0]}
+    return tf.data.Dataset.from_tensor_slices(columns)
 
 
 def register_task(*, name: str, source: seqio.DataSource, objective: str,
@@ -69,27 +81,27 @@ def register_task(*, name: str, source: seqio.DataSource, objective: str,
                   cache_tokenized_in_memory: bool = False) -> str:
     """Registers `name` over any seqio source whose examples carry a text feature.
 
-    cache_tokenized_in_memory: keep this host's tokenized documents in RAM after the
-      first epoch (4 bytes per token), so later epochs skip reading and
-      SentencePiece: about 2x the span-corruption throughput on 2 cores (see
-      benchmarks/RESULTS.md). For corpora that fit in memory; at C4 scale, use seqio's
-      offline cache (`use_cached=True`) instead. Epochs then reuse the first
-      epoch's file order (chunking, masks and the example shuffle still change).
+    cache_tokenized_in_memory: read and tokenize this host's documents once, when the
+      pipeline is built, and keep them in RAM (4 bytes per token), so epochs skip
+      reading and SentencePiece: about 2x the span-corruption throughput on 2 cores
+      (see benchmarks/RESULTS.md). For corpora that fit in memory; at C4 scale, use
+      seqio's offline cache (`use_cached=True`) instead. Every epoch reuses the
+      first epoch's file order (chunking, masks and the example shuffle still change).
     """
-    _check_objective(objective)
+    preprocessor = _objective(objective).preprocessor
     vocabulary = vocabulary or vocabularies.default()
     _replace(seqio.TaskRegistry, name)
     seqio.TaskRegistry.add(
         name,
         source=source,
         preprocessors=[
-            functools.partial(data_sources.clean_text, key=text_feature, label=name),
+            functools.partial(sources.clean_text, key=text_feature, label=name),
             functools.partial(preprocessors.rekey, key_map={"text": text_feature}),
             preprocessors.tokenize,  # 'text' -> 'targets' token ids
-            *([_cache_in_memory] if cache_tokenized_in_memory else []),
+            *([_tokens_in_memory] if cache_tokenized_in_memory else []),
             seqio.CacheDatasetPlaceholder(),
             # After seqio's repeat: fresh chunking and randomness every epoch.
-            OBJECTIVES[objective],
+            preprocessor,
         ],
         output_features=output_features(objective, vocabulary),
         metric_fns=[],
@@ -98,33 +110,33 @@ def register_task(*, name: str, source: seqio.DataSource, objective: str,
     return name
 
 
-def register_text_task(*, name: str, patterns: data_sources.Patterns, objective: str,
+def register_text_task(*, name: str, patterns: sources.Patterns, objective: str,
                        vocabulary: seqio.Vocabulary | None = None,
                        cache_tokenized_in_memory: bool = False) -> str:
     """Plain-text files, one document per line. `patterns`: a glob, a list of globs, or
     {split: glob(s)} (a bare glob is the 'train' split)."""
-    return register_task(name=name, source=data_sources.text_files(patterns=patterns),
+    return register_task(name=name, source=sources.text_files(patterns=patterns),
                          objective=objective, vocabulary=vocabulary,
                          cache_tokenized_in_memory=cache_tokenized_in_memory)
 
 
-def register_jsonl_task(*, name: str, patterns: data_sources.Patterns, objective: str,
+def register_jsonl_task(*, name: str, patterns: sources.Patterns, objective: str,
                         field: str = "text",
                         vocabulary: seqio.Vocabulary | None = None,
                         cache_tokenized_in_memory: bool = False) -> str:
     """JSON Lines files; the document is each object's string `field`."""
-    source = data_sources.jsonl_files(patterns=patterns, field=field, label=name)
+    source = sources.jsonl_files(patterns=patterns, field=field, label=name)
     return register_task(name=name, source=source, objective=objective,
                          vocabulary=vocabulary,
                          cache_tokenized_in_memory=cache_tokenized_in_memory)
 
 
-def register_tfrecord_task(*, name: str, patterns: data_sources.Patterns, objective: str,
+def register_tfrecord_task(*, name: str, patterns: sources.Patterns, objective: str,
                            feature: str = "text", compression_type: str | None = None,
                            vocabulary: seqio.Vocabulary | None = None,
                            cache_tokenized_in_memory: bool = False) -> str:
     """TFRecord files of tf.train.Example with a bytes `feature`."""
-    source = data_sources.tfrecord_files(patterns=patterns, feature=feature,
+    source = sources.tfrecord_files(patterns=patterns, feature=feature,
                                          compression_type=compression_type)
     return register_task(name=name, source=source, objective=objective,
                          vocabulary=vocabulary,
@@ -140,7 +152,7 @@ def register_tfds_task(*, name: str, tfds_name: str, objective: str,
 
     `splits`: split names, or {our split: TFDS split or slice, e.g. 'train[:90%]'}.
     """
-    source = data_sources.tfds_dataset(name=tfds_name, data_dir=data_dir, splits=splits)
+    source = sources.tfds_dataset(name=tfds_name, data_dir=data_dir, splits=splits)
     return register_task(name=name, source=source, objective=objective,
                          vocabulary=vocabulary, text_feature=feature)
 

@@ -1,7 +1,7 @@
 """Vocabularies a run can choose in gin: the bundled SentencePiece model, any other
 SentencePiece model, or raw bytes.
 
-    from t5x_like import vocabularies
+    from t5x_like.data import vocabularies
     user_tasks.register_text_task.vocabulary = @vocabularies.sentencepiece()
     vocabularies.sentencepiece.path = '/path/to/t5_32k/sentencepiece.model'
 
@@ -11,6 +11,11 @@ for all three (the bundled and the public T5 models are built that way; a model
 with a different layout is refused, since the pipeline relies on PAD = 0, EOS = 1).
 The model's vocab_size must be at least the vocabulary's `vocab_size` (T5 pads 32100
 up to 32128 for speed).
+
+The bundled model ships inside the package (`t5x_like/data/vocab/`, package data),
+so the default works in an installed copy from any directory. In the repository that
+folder is a link to `data/vocab/`, where `data/build_corpus.py` writes the model:
+one file, byte-for-byte the one the build reproduces.
 """
 
 from __future__ import annotations
@@ -20,9 +25,8 @@ import pathlib
 import seqio
 import tensorflow as tf
 
-# Relative to this file, so it works from any working directory.
-BUNDLED_SENTENCEPIECE = str(pathlib.Path(__file__).resolve().parents[1]
-                            / "data" / "vocab" / "pydocs_8k.model")
+# Next to this module, in a checkout (through the link) and in an installed copy.
+BUNDLED_SENTENCEPIECE = str(pathlib.Path(__file__).parent / "vocab" / "pydocs_8k.model")
 DEFAULT_EXTRA_IDS = 100
 
 

@@ -9,8 +9,8 @@ import seqio
 import tensorflow as tf
 
 from data import tasks
-from t5x_like import input_pipeline
-from t5x_like.input_pipeline import SeqioDataSource
+from t5x_like.data import pipeline
+from t5x_like.data.pipeline import SeqioDataSource, position_header
 
 TASK = "pydocs_span_corruption"
 LENGTHS = {"inputs": 64, "targets": 16}
@@ -67,18 +67,48 @@ def test_packed_segments_positions_and_loss_weights():
         assert (b["decoder_loss_weights"][b["decoder_target_tokens"] == 0] == 0).all()
 
 
-def test_resume_equals_uninterrupted_run():
-    source = SeqioDataSource(mixture_or_task_name=TASK, task_feature_lengths=LENGTHS,
-                             seed=5)
-    kwargs = dict(per_host_batch_size=4, shard_index=0, num_shards=1)
-    full = _take(source.iterator(start_step=0, **kwargs), 6)
-    resumed = _take(source.iterator(start_step=3, **kwargs), 3)
-    for a, b in zip(full[3:], resumed):
+def _assert_same_batches(expected, got):
+    assert len(expected) == len(got)
+    for a, b in zip(expected, got):
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
-    assert not np.array_equal(full[0]["encoder_input_tokens"],
-                              full[3]["encoder_input_tokens"])
+
+
+def test_resume_from_saved_position_or_by_replay_equals_uninterrupted_run(caplog):
+    source = SeqioDataSource(mixture_or_task_name=TASK, task_feature_lengths=LENGTHS,
+                             seed=5)
+    kwargs = dict(per_host_batch_size=4, shard_index=0, num_shards=1)
+    running = source.iterator(start_step=0, **kwargs)
+    _take(running, 3)
+    position = running.position()
+    full = _take(running, 3)
+    assert position_header(position)["step"] == 3
+    assert len(position) < 400_000      # shuffle buffer + packing window, compressed
+
+    _assert_same_batches(full, _take(source.iterator(start_step=3, position=position,
+                                                     **kwargs), 3))
+    _assert_same_batches(full, _take(source.iterator(start_step=3, **kwargs), 3))
+    assert "not using the saved input position" not in caplog.text
+
+
+def test_a_position_of_another_pipeline_is_not_applied_and_replay_takes_over(caplog):
+    kwargs = dict(per_host_batch_size=4, shard_index=0, num_shards=1)
+    other = SeqioDataSource(mixture_or_task_name=TASK, task_feature_lengths=LENGTHS, seed=1)
+    running = other.iterator(start_step=0, **kwargs)
+    _take(running, 2)
+    source = SeqioDataSource(mixture_or_task_name=TASK, task_feature_lengths=LENGTHS, seed=5)
+    expected = _take(source.iterator(start_step=2, **kwargs), 2)
+    with caplog.at_level("WARNING"):
+        got = _take(source.iterator(start_step=2, position=running.position(), **kwargs), 2)
+    _assert_same_batches(expected, got)
+    assert "the pipeline changed: seed 1 -> 5" in caplog.text
+    header = source.iterator(start_step=2, **kwargs).position().split(b"\n")[0]
+    with caplog.at_level("WARNING"):
+        got = _take(source.iterator(start_step=2, position=header + b"\nnot zlib", **kwargs),
+                    2)
+    _assert_same_batches(expected, got)
+    assert "it could not be restored (error" in caplog.text
 
 
 def _token_stream(batches):
@@ -166,5 +196,5 @@ def test_registering_twice_is_fine():
 
 
 def test_tensorflow_sees_no_gpu():
-    input_pipeline.configure_tensorflow()
+    pipeline.configure_tensorflow()
     assert tf.config.get_visible_devices("GPU") == []

@@ -34,11 +34,14 @@ masks, and (because seqio runs these preprocessors after `repeat`) each epoch ge
 fresh masks and chunk boundaries.
 
 Pure-Python `span_corruption_lengths` gives the length calculus (512 -> 568/114).
+`OBJECTIVES` (at the end) names each objective and the task features it emits: adding
+an objective is its preprocessor plus one entry there.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import dataclasses
+from typing import Callable, Mapping
 
 import seqio
 import tensorflow as tf
@@ -433,3 +436,23 @@ def prefix_lm(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
                                          maxval=tf.size(tokens), dtype=tf.int32)
         return {"inputs": tokens[:at], "targets": tokens[at:]}
     return append_eos(split(dataset), output_features)
+
+
+# ---------------------------------------------------------------------------
+# The objectives a task can be registered with (user_tasks.py, data/tasks.py).
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Objective:
+    """A pretraining objective: its seqio preprocessor and the features it emits
+    (the feature converter must consume exactly these: see data/converters.py)."""
+    preprocessor: Callable[..., tf.data.Dataset]
+    features: tuple[str, ...]
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "span_corruption": Objective(preprocessor=span_corruption,
+                                 features=("inputs", "targets")),
+    "lm": Objective(preprocessor=causal_lm, features=("targets",)),
+    "prefix_lm": Objective(preprocessor=prefix_lm, features=("inputs", "targets")),
+}

@@ -2,30 +2,68 @@
 
 For benchmarks on machines without the data stack (the GPU image) and for tests
 of the train loop. Each batch is a pure function of (seed, shard, step), so the
-source is trivially resumable and host-sharded like the real one. Tokens are
-random, so the loss cannot fall far: use it for speed and plumbing, not learning.
+source is trivially resumable (its position is the step) and host-sharded like
+the real one. Tokens are random, so the loss cannot fall far: use it for speed and
+plumbing, not learning. Feature names and lengths are the real converters' (enc_dec
+unpacked, lm packed or not), from converters.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import functools
+import json
+from collections.abc import Callable
 
 import numpy as np
 
+from t5x_like.data import converters
+
+
+class StepIterator:
+    """Batches that are a pure function of the step; the position is the step."""
+
+    def __init__(self, batch: Callable[..., dict[str, np.ndarray]], *, step: int):
+        """`batch(step=...)` makes the batch of a step."""
+        self._batch = batch
+        self.step = step
+
+    def __iter__(self) -> StepIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = self._batch(step=self.step)
+        self.step += 1
+        return batch
+
+    def position(self) -> bytes:
+        return json.dumps({"step": self.step}).encode()
+
+
+class _StepSource:
+    """`iterator` for sources whose `batch(step=, shard_index=, batch_size=)` is pure."""
+
+    def iterator(self, *, per_host_batch_size: int, shard_index: int, num_shards: int,
+                 start_step: int, position: bytes | None = None) -> StepIterator:
+        del num_shards  # every shard draws from its own stream
+        if position is not None and json.loads(position)["step"] != start_step:
+            raise ValueError(f"position {position!r} was not saved at step {start_step}")
+        return StepIterator(functools.partial(self.batch, shard_index=shard_index,
+                                              batch_size=per_host_batch_size),
+                            step=start_step)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SyntheticEncDecSource:
+class SyntheticEncDecSource(_StepSource):
     encoder_length: int
     decoder_length: int
     vocab_size: int
     seed: int = 0
 
     def model_feature_lengths(self) -> dict[str, int]:
-        return {"encoder_input_tokens": self.encoder_length,
-                "decoder_input_tokens": self.decoder_length,
-                "decoder_target_tokens": self.decoder_length,
-                "decoder_loss_weights": self.decoder_length}
+        return converters.model_feature_lengths(
+            {"inputs": self.encoder_length, "targets": self.decoder_length},
+            converter="enc_dec", pack=False)
 
     def batch(self, *, step: int, shard_index: int, batch_size: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng((self.seed, shard_index, step))
@@ -38,17 +76,9 @@ class SyntheticEncDecSource:
                 "decoder_target_tokens": targets,
                 "decoder_loss_weights": np.ones_like(targets)}
 
-    def iterator(self, *, per_host_batch_size: int, shard_index: int, num_shards: int,
-                 start_step: int) -> Iterator[dict[str, np.ndarray]]:
-        del num_shards  # every shard draws from its own stream
-        step = start_step
-        while True:
-            yield self.batch(step=step, shard_index=shard_index, batch_size=per_host_batch_size)
-            step += 1
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SyntheticDecoderSource:
+class SyntheticDecoderSource(_StepSource):
     """Decoder-only (causal LM) batches, packed as `pack_segments` sequences per row.
 
     Same contract as SyntheticEncDecSource; features follow seqio's LM converter
@@ -60,10 +90,8 @@ class SyntheticDecoderSource:
     seed: int = 0
 
     def model_feature_lengths(self) -> dict[str, int]:
-        names = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
-        if self.pack_segments > 1:
-            names += ("decoder_segment_ids", "decoder_positions")
-        return {name: self.decoder_length for name in names}
+        return converters.model_feature_lengths(
+            {"targets": self.decoder_length}, converter="lm", pack=self.pack_segments > 1)
 
     def batch(self, *, step: int, shard_index: int, batch_size: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng((self.seed, shard_index, step, 1))
@@ -82,11 +110,3 @@ class SyntheticDecoderSource:
         if self.pack_segments > 1:
             batch["decoder_segment_ids"], batch["decoder_positions"] = segments, positions
         return batch
-
-    def iterator(self, *, per_host_batch_size: int, shard_index: int, num_shards: int,
-                 start_step: int) -> Iterator[dict[str, np.ndarray]]:
-        del num_shards
-        step = start_step
-        while True:
-            yield self.batch(step=step, shard_index=shard_index, batch_size=per_host_batch_size)
-            step += 1

@@ -1,0 +1,371 @@
+"""seqio task -> per-shard numpy batches, deterministic, resumable in constant time.
+
+`SeqioDataSource` is all the trainer needs from the data layer: it knows the
+model-side feature lengths (for abstract init and compilation) and opens one
+iterator per data shard, yielding int32 numpy arrays of shape [B, L]. The core turns
+them into global arrays with `jax.make_array_from_process_local_data`.
+
+Determinism: tf.data determinism is forced on and every random choice (seqio's
+shuffle, span-corruption masks) is seeded from `seed` and the shard index, so the same
+(seed, shard_index, num_shards) always yields the same batches.
+
+Resuming: each shard iterator can say where it is (`position()`, bytes), and
+`iterator(position=...)` continues from exactly there. The position is the tf.data
+iterator's own saved state (`SerializeIterator`, as T5X checkpoints its input
+iterator), compressed, behind a small JSON header that names the pipeline it belongs
+to. Why this design:
+  * it is exact for every seqio task, mixture and source (files, TFDS, caches),
+    because tf.data restores each stage's real state: file offsets, the shuffle
+    buffer and its RNG, span-corruption seeds, the packing window, the prefetch
+    buffer. The stream of a run that never resumes is unchanged.
+  * restoring reads the saved buffers and seeks the files: its cost does not depend
+    on the step (the RNGs are restored by skipping their counters, not by replay).
+    An index-based pipeline (step -> example ids, as Levanter and Grain do) would
+    give a position of a few bytes, but needs random access into a pre-tokenized
+    corpus and a different shuffle, i.e. a different data stream for every run.
+  * the cost is the position's size: it holds the shuffle buffer (1000 examples) and
+    seqio's packing window (up to max(length) examples), about 3.2 MB per shard
+    compressed at 512/114, whatever the step (benchmarks/RESULTS.md, "Resume"), and
+    0.5-1 s to serialize at each checkpoint. Tokens cached in memory are a constant
+    of the pipeline, not part of the position (user_tasks).
+A position from a different pipeline (other task, lengths, seed, batch or shards) or
+an unreadable one is never applied: the iterator then replays `start_step` batches
+from the start (exact, but its cost grows with the step), saying so in the log.
+
+Feature converters (`feature_converter`, described in converters.py): 'enc_dec'
+(T5), 'lm' (decoder-only causal LM, targets-only tasks) and 'prefix_lm' (decoder-only
+prefix LM); all pack with segment ids/positions as seqio does. Before the first batch
+each task is checked to yield data on this shard, so an empty or all-bad source fails
+with a message instead of hanging in an endless repeat of nothing.
+
+Throughput on 2 shared cores: see benchmarks/RESULTS.md ("Data pipeline"); about
+2,000 packed 512/114 span-corruption sequences/s with the bundled tasks' in-memory
+cache of tokenized documents, ~630/s without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import json
+import logging
+import zlib
+from typing import Any, Mapping
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from t5x_like.data import converters
+
+log = logging.getLogger(__name__)
+
+# Threads of TensorFlow's own (eager) runtime. The tf.data pool is per pipeline
+# (SeqioDataSource.threads). JAX owns the host's cores during the step.
+_TF_INTER_OP_THREADS = 2
+# Host shard seeds are spread apart so no two hosts draw the same span masks.
+_SHARD_SEED_STRIDE = 1_000_003
+_POSITION_FORMAT = 1
+
+
+@functools.cache
+def configure_tensorflow() -> None:
+    """Keeps TF off the accelerators and off most host threads (idempotent).
+
+    JAX must own the GPUs: if TF saw them it would reserve their memory. Must run before
+    TF initialises its runtime; if something else initialised it first, we log and go
+    on (the data pipeline only runs CPU ops either way).
+    """
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError as e:  # runtime already initialised
+        log.warning("could not hide GPUs from TensorFlow: %s", e)
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(_TF_INTER_OP_THREADS)
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+    except RuntimeError as e:
+        log.warning("could not limit TensorFlow threads: %s", e)
+
+
+def _registered_names() -> list[str]:
+    return sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+
+
+def _lookup(name: str) -> seqio.Task | seqio.Mixture:
+    """Finds a registered task or mixture, or says which module to import."""
+    if name not in _registered_names():
+        names = _registered_names()
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        hint = f"; did you mean {close}?" if close else ""
+        raise ValueError(
+            f"unknown seqio task or mixture {name!r}{hint} Registered: {len(names)} "
+            f"names{' e.g. ' + str(names[:10]) if names else ''}. Import the module "
+            "that registers it first: in gin, `import data.tasks` registers the "
+            "bundled pydocs_* tasks (repository checkout), and "
+            "`@user_tasks.register_text_task()` etc. register your own (README, "
+            "'Your own data').")
+    return seqio.get_mixture_or_task(name)
+
+
+def _tasks_of(provider: seqio.Task | seqio.Mixture) -> list[seqio.Task]:
+    return list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
+
+
+def _check_vocab_files(provider: seqio.Task | seqio.Mixture) -> None:
+    for task in _tasks_of(provider):
+        for name, feature in task.output_features.items():
+            vocab = feature.vocabulary
+            path = getattr(vocab, "sentencepiece_model_file", None)
+            if path and not tf.io.gfile.exists(path):
+                raise FileNotFoundError(
+                    f"vocabulary file for task {task.name!r} feature {name!r} not "
+                    f"found: {path}")
+
+
+def _shard_info(shard_index: int, num_shards: int) -> seqio.ShardInfo | None:
+    """None for a single host: the same data, and sources that cannot list their
+    shards (TFDS mocks, generated datasets) still work."""
+    return None if num_shards == 1 else seqio.ShardInfo(index=shard_index,
+                                                        num_shards=num_shards)
+
+
+# (task, split, shard, num_shards, lengths) already seen to yield data.
+_NONEMPTY_CHECKED: set = set()
+
+
+def _check_yields_data(provider: seqio.Task | seqio.Mixture, *, split: str,
+                       lengths: Mapping[str, int], shard_index: int,
+                       num_shards: int) -> None:
+    """Raises if a task yields no example on this shard (one epoch, unshuffled).
+
+    Empty or whitespace-only files, or files whose every record is skipped, would
+    otherwise make the endless repeat spin forever without a batch. Costs one
+    example per task and is done once per process.
+    """
+    for task in _tasks_of(provider):
+        key = (task.name, split, shard_index, num_shards, tuple(sorted(lengths.items())))
+        if key in _NONEMPTY_CHECKED:
+            continue
+        if task.source.splits and split not in task.source.splits:
+            raise ValueError(f"task {task.name!r} has no split {split!r}; it has "
+                             f"{list(task.source.splits)}")
+        ds = task.get_dataset(dict(lengths), split=split, shuffle=False, num_epochs=1,
+                              shard_info=_shard_info(shard_index, num_shards))
+        if next(iter(ds.take(1)), None) is None:
+            raise ValueError(
+                f"task {task.name!r} split {split!r} (shard {shard_index} of "
+                f"{num_shards}) yields no examples: its source is empty, whitespace "
+                "only, or every record was skipped as bad (see the logged counts).")
+        _NONEMPTY_CHECKED.add(key)
+
+
+# ---------------------------------------------------------------------------
+# One shard's iterator and its saved position.
+# ---------------------------------------------------------------------------
+
+# Our py_functions (skip counting, JSONL parsing) keep no state the stream depends
+# on, so their "external state" is safe to leave out of a saved position.
+_EXTERNAL_STATE = tf.data.experimental.ExternalStatePolicy.IGNORE.value
+
+
+class ShardIterator:
+    """One data shard's batches as numpy, and where it is (`position()`)."""
+
+    def __init__(self, dataset: tf.data.Dataset, *, pipeline: Mapping[str, Any],
+                 step: int):
+        self._iterator = iter(dataset)
+        self._pipeline = dict(pipeline)
+        self.step = step              # batches this shard has yielded since step 0
+
+    def __iter__(self) -> ShardIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._iterator)
+        self.step += 1
+        return {name: value.numpy() for name, value in batch.items()}
+
+    def position(self) -> bytes:
+        """Where this shard is: restores with `SeqioDataSource.iterator(position=)`.
+
+        A JSON header line (format, step, the pipeline's identity) and the
+        zlib-compressed tf.data iterator state. Call between batches.
+        """
+        state = tf.raw_ops.SerializeIterator(
+            resource_handle=self._iterator._iterator_resource,  # noqa: SLF001 - TF's own handle
+            external_state_policy=_EXTERNAL_STATE)
+        header = {"format": _POSITION_FORMAT, "step": self.step, "pipeline": self._pipeline}
+        return (json.dumps(header, sort_keys=True).encode() + b"\n"
+                + zlib.compress(tf.io.serialize_tensor(state).numpy(), 1))
+
+    def restore(self, position: bytes) -> None:
+        """Moves this (fresh) iterator to a saved position of the same pipeline."""
+        _, state = position.split(b"\n", 1)
+        serialized = tf.io.parse_tensor(zlib.decompress(state), tf.variant)
+        tf.raw_ops.DeserializeIterator(
+            resource_handle=self._iterator._iterator_resource,  # noqa: SLF001
+            serialized=serialized)
+
+
+def position_header(position: bytes) -> dict[str, Any]:
+    """The JSON header of a saved position: format, step and pipeline identity."""
+    return json.loads(position.split(b"\n", 1)[0])
+
+
+# ---------------------------------------------------------------------------
+# The source.
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SeqioDataSource:
+    """A seqio task/mixture as endless, shardable iterators that resume exactly.
+
+    threads / prefetch_batches: the tf.data thread pool of each shard's pipeline and
+    the batches it prepares ahead. They change speed, never the batches. Defaults
+    suit 2 cores (the pipeline is bound by sequential stages there); see
+    benchmarks/RESULTS.md ("Data pipeline") for throughput at 2 and 8 threads.
+    """
+
+    mixture_or_task_name: str
+    task_feature_lengths: Mapping[str, int]
+    split: str = "train"
+    shuffle: bool = True
+    seed: int = 0
+    pack: bool = True
+    use_cached: bool = False
+    feature_converter: str = "enc_dec"
+    threads: int = 2
+    prefetch_batches: int = 2
+
+    def __post_init__(self):
+        converter = converters.get(self.feature_converter)
+        for key, length in self.task_feature_lengths.items():
+            if not isinstance(length, (int, np.integer)) or length <= 0:
+                raise ValueError(f"task_feature_lengths[{key!r}] must be a positive "
+                                 f"int, got {length!r}")
+        if self.threads < 1 or self.prefetch_batches < 0:
+            raise ValueError(f"threads must be >= 1 and prefetch_batches >= 0, got "
+                             f"{self.threads} and {self.prefetch_batches}")
+        provider = _lookup(self.mixture_or_task_name)
+        _check_vocab_files(provider)
+        consumed = converter.consumes
+        for task in _tasks_of(provider):
+            missing = sorted(set(task.output_features) - set(self.task_feature_lengths))
+            if missing:
+                raise ValueError(f"task {task.name!r} needs lengths for features "
+                                 f"{missing}; got {dict(self.task_feature_lengths)}")
+            if set(task.output_features) != set(consumed):
+                raise ValueError(
+                    f"feature_converter {self.feature_converter!r} consumes features "
+                    f"{list(consumed)} but task {task.name!r} emits "
+                    f"{sorted(task.output_features)}; use 'lm' for targets-only tasks and "
+                    "'enc_dec' or 'prefix_lm' for inputs/targets tasks.")
+        extra = sorted(set(self.task_feature_lengths) - set(consumed))
+        if extra:
+            raise ValueError(f"task_feature_lengths has {extra}, which feature_converter "
+                             f"{self.feature_converter!r} does not use; give only "
+                             f"{list(consumed)}")
+
+    def _converter(self) -> seqio.FeatureConverter:
+        spec = converters.get(self.feature_converter)
+        return getattr(seqio, spec.seqio_class)(pack=self.pack, **spec.seqio_kwargs)
+
+    def model_feature_lengths(self) -> dict[str, int]:
+        """Lengths of the batch features the model sees, e.g. encoder_input_tokens."""
+        return converters.model_feature_lengths(
+            self.task_feature_lengths, converter=self.feature_converter, pack=self.pack)
+
+    def dataset(self, *, per_host_batch_size: int, shard_index: int, num_shards: int,
+                start_step: int = 0) -> tf.data.Dataset:
+        """The batched tf.data pipeline behind `iterator`, replaying `start_step`
+        batches (exposed for tests and benchmarks)."""
+        if not 0 <= shard_index < num_shards:
+            raise ValueError(f"shard_index {shard_index} not in [0, {num_shards})")
+        if per_host_batch_size <= 0 or start_step < 0:
+            raise ValueError("per_host_batch_size must be > 0 and start_step >= 0")
+        configure_tensorflow()
+        provider = _lookup(self.mixture_or_task_name)
+        _check_yields_data(provider, split=self.split, lengths=self.task_feature_lengths,
+                           shard_index=shard_index, num_shards=num_shards)
+        ds = seqio.get_dataset(
+            provider,
+            task_feature_lengths=dict(self.task_feature_lengths),
+            feature_converter=self._converter(),
+            dataset_split=self.split,
+            use_cached=self.use_cached,
+            shuffle=self.shuffle,
+            num_epochs=None,
+            shard_info=_shard_info(shard_index, num_shards),
+            seed=self.seed + _SHARD_SEED_STRIDE * shard_index,
+            verbose=False,
+        )
+        ds = ds.batch(per_host_batch_size, drop_remainder=True)
+        ds = ds.skip(start_step)
+        ds = ds.map(lambda b: {k: tf.cast(v, tf.int32) for k, v in b.items()})
+        options = tf.data.Options()
+        options.deterministic = True
+        options.threading.private_threadpool_size = self.threads
+        return ds.with_options(options).prefetch(self.prefetch_batches)
+
+    def _identity(self, *, per_host_batch_size: int, shard_index: int,
+                  num_shards: int) -> dict[str, Any]:
+        """What a saved position must match to be applied (speed settings aside)."""
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                    if f.name not in ("threads", "prefetch_batches")}
+        settings["task_feature_lengths"] = dict(self.task_feature_lengths)
+        identity = {**settings, "per_host_batch_size": per_host_batch_size,
+                    "shard_index": shard_index, "num_shards": num_shards}
+        return json.loads(json.dumps(identity, sort_keys=True))  # as a header reads back
+
+    def iterator(self, *, per_host_batch_size: int, shard_index: int, num_shards: int,
+                 start_step: int, position: bytes | None = None) -> ShardIterator:
+        """This shard's batches from `start_step` on, forever: dict of int32 [B, L].
+
+        With `position` (saved by `ShardIterator.position()` at `start_step`) the
+        iterator continues from it in constant time; without one, or if it belongs to
+        a different pipeline, it replays `start_step` batches. The pipeline is built
+        here, not on the first next(), so configuration errors (e.g. lengths too
+        short for the objective) surface at the call.
+        """
+        identity = self._identity(per_host_batch_size=per_host_batch_size,
+                                  shard_index=shard_index, num_shards=num_shards)
+        problem = None if position is None else self._unusable(position, identity,
+                                                               start_step)
+        if position is not None and problem is None:
+            shard = ShardIterator(self.dataset(per_host_batch_size=per_host_batch_size,
+                                               shard_index=shard_index,
+                                               num_shards=num_shards),
+                                  pipeline=identity, step=start_step)
+            try:
+                shard.restore(position)
+                return shard
+            except (tf.errors.OpError, ValueError, zlib.error) as e:
+                problem = f"it could not be restored ({type(e).__name__}: {e})"
+        if problem:
+            log.warning("Data shard %d: not using the saved input position (%s); "
+                        "replaying %d batches instead (exact, but slower as the step "
+                        "grows).", shard_index, problem, start_step)
+        return ShardIterator(self.dataset(per_host_batch_size=per_host_batch_size,
+                                          shard_index=shard_index, num_shards=num_shards,
+                                          start_step=start_step),
+                             pipeline=identity, step=start_step)
+
+    @staticmethod
+    def _unusable(position: bytes, identity: Mapping[str, Any], step: int) -> str | None:
+        """Why a saved position cannot be applied here, or None if it can."""
+        try:
+            header = position_header(position)
+        except (ValueError, UnicodeDecodeError):
+            return "its header is unreadable"
+        if header.get("format") != _POSITION_FORMAT:
+            return f"format {header.get('format')} is not {_POSITION_FORMAT}"
+        if header.get("step") != step:
+            return f"it was saved at step {header.get('step')}, not {step}"
+        saved = header.get("pipeline", {})
+        changed = sorted(k for k in set(saved) | set(identity)
+                         if saved.get(k) != identity.get(k))
+        if changed:
+            return "the pipeline changed: " + ", ".join(
+                f"{k} {saved.get(k)!r} -> {identity.get(k)!r}" for k in changed)
+        return None
