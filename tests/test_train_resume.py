@@ -1,11 +1,12 @@
 """train(): the data position in each checkpoint, and resuming from old checkpoints."""
 
+import functools
 import logging
 import os
 import shutil
 
 import jax
-from t5x_like import optimizers, partitioning
+from t5x_like import optimizers, partitioning, run_config
 from t5x_like import train as train_lib
 from t5x_like.data import synthetic
 from t5x_like.models import t5
@@ -16,14 +17,18 @@ CONFIG = t5.T5Config(vocab_size=128, emb_dim=32, num_heads=2, head_dim=16, mlp_d
 
 def run(model_dir, steps):
     return train_lib.train(
-        model_dir=model_dir, model=t5.EncoderDecoderModel(config=CONFIG),
-        train_data=synthetic.SyntheticEncDecSource(encoder_length=16, decoder_length=8,
-                                                   vocab_size=128),
-        partitioner=partitioning.Partitioner(devices=jax.devices()[:1]),
-        optimizer=optimizers.adafactor(learning_rate=optimizers.rsqrt_schedule(
-            warmup_steps=10)),
-        train_steps=steps, batch_size=4, num_data_shards=2, checkpoint_every_steps=1,
-        keep_checkpoints=None, log_every_steps=1, async_checkpointing=False)
+        run=run_config.RunConfig(
+            model=t5.EncoderDecoderModel(config=CONFIG),
+            train_data=synthetic.SyntheticEncDecSource(encoder_length=16, decoder_length=8,
+                                                       vocab_size=128),
+            partitioner=functools.partial(partitioning.Partitioner,
+                                          devices=jax.devices()[:1]),
+            optimizer=optimizers.adafactor(learning_rate=optimizers.rsqrt_schedule(
+                warmup_steps=10)),
+            batch_size=4),
+        model_dir=model_dir, train_steps=steps, num_data_shards=2,
+        checkpoint_every_steps=1, keep_checkpoints=None, log_every_steps=1,
+        async_checkpointing=False)
 
 
 def test_positions_per_shard_and_an_old_checkpoint_without_them_resumes_by_replay(
