@@ -122,8 +122,12 @@ def state_layout(*, model: Model, optimizer: Optimizer, partitioner: Partitioner
     with partitioner.context():
         boxed = jax.eval_shape(
             lambda r: model.init_params(r, batch_size=1, **shape_kwargs), rng)
-        abstract = jax.eval_shape(_make_init_fn(model, optimizer, feature_lengths), rng)
     param_specs = nn.get_partition_spec(boxed)
+    # Heads too few for their mesh axes are replicated; a dimension that cannot be
+    # split is an error here, before anything is placed or compiled.
+    partitioner.fit_to_parameters(nn.unbox(boxed), param_specs)
+    with partitioner.context():
+        abstract = jax.eval_shape(_make_init_fn(model, optimizer, feature_lengths), rng)
     opt_specs = _optimizer_state_logical_specs(
         abstract.opt_state, abstract.params, param_specs,
         optimizer.transform_for(param_specs))
