@@ -123,11 +123,8 @@ def _our_tensors(reader: safetensors_io.SafetensorsReader, cfg: decoder.DecoderC
     for hf_name, path, kind in _LAYER_TENSORS:
         per_layer = (_to_ours(reader.get(f'model.layers.{i}.{hf_name}'), kind, cfg)
                      for i in range(cfg.num_layers))
-        if cfg.scan_layers:
-            yield ('layers',) + path, np.stack(list(per_layer))
-        else:
-            for i, w in enumerate(per_layer):
-                yield (f'layers_{i}',) + path, w
+        yield from safetensors_io.layer_stack_tensors((), path, per_layer,
+                                                      scan_layers=cfg.scan_layers)
 
 
 def import_checkpoint(directory: str, *, shardings: Any = None, **config_overrides
