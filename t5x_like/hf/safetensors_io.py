@@ -19,6 +19,7 @@ from flax import traverse_util
 from t5x_like.models import layers
 
 CONFIG_FILE = 'config.json'
+GENERATION_CONFIG_FILE = 'generation_config.json'
 SINGLE_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
 
@@ -69,6 +70,21 @@ class SafetensorsReader:
 def read_config(directory: str) -> dict[str, Any]:
     with open(os.path.join(directory, CONFIG_FILE)) as f:
         return json.load(f)
+
+
+def read_generation_config(directory: str) -> dict[str, Any]:
+    """generation_config.json (the token ids `generate` uses), or {} if absent."""
+    path = os.path.join(directory, GENERATION_CONFIG_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_generation_config(directory: str, config: Mapping[str, Any]) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, GENERATION_CONFIG_FILE), 'w') as f:
+        json.dump(dict(config), f, indent=2, sort_keys=True)
 
 
 def write_checkpoint(directory: str, config: Mapping[str, Any],
