@@ -38,6 +38,12 @@ class DataSource(Protocol):
 
     def model_feature_lengths(self) -> Mapping[str, int]: ...
 
+    def stream_identity(self) -> Mapping[str, Any]:
+        """JSON-able settings that define the stream of batches (seed included)."""
+
+    def vocabulary_size(self) -> int:
+        """Token ids the data can contain (all features' vocabularies, sentinels too)."""
+
     def iterator(self, *, per_host_batch_size: int, shard_index: int, num_shards: int,
                  start_step: int, position: bytes | None = None
                  ) -> host_batches.ShardIterator: ...
@@ -128,9 +134,10 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
     shards = host_batches.owned_shards(num_data_shards=num_data_shards,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count())
+    data_stream = dict(train_data.stream_identity())
     positions = None if saved_data is None else _saved_shard_positions(
         checkpointer, saved_data, step=start_step, shards=shards, batch_size=batch_size,
-        seed=seed, num_data_shards=num_data_shards)
+        data_stream=data_stream, num_data_shards=num_data_shards)
     batches = host_batches.HostBatches(
         train_data, global_batch_size=batch_size, num_data_shards=num_data_shards,
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -143,8 +150,8 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
     progress = metrics_lib.Progress(total_steps=train_steps, start_step=start_step)
     guard = _NonFiniteGuard(policy=on_nonfinite_loss, checkpointer=checkpointer)
     watcher = preemption.PreemptionWatcher()
-    data_position = {"step": start_step, "global_batch_size": batch_size, "seed": seed,
-                     "num_data_shards": num_data_shards}
+    data_position = {"step": start_step, "global_batch_size": batch_size,
+                     "data_stream": data_stream, "num_data_shards": num_data_shards}
     losses: dict[int, float] = {}
     step, preempted = start_step, False
     try:
@@ -224,20 +231,34 @@ class _NonFiniteGuard:
             "train.on_nonfinite_loss='skip_update').")
 
 
-def _check_data_position(data_position: Mapping[str, Any], *, batch_size: int, seed: int,
-                         num_data_shards: int) -> bool:
-    """Whether the checkpoint's data settings are this run's (warns if not)."""
-    now = {"global_batch_size": batch_size, "seed": seed, "num_data_shards": num_data_shards}
+def _check_data_position(data_position: Mapping[str, Any], *, batch_size: int,
+                         data_stream: Mapping[str, Any], num_data_shards: int) -> bool:
+    """Whether the checkpoint's data settings are this run's (warns if not).
+
+    `data_stream` is the data source's `stream_identity()` (its seed, task, lengths,
+    ...), which is what seeds and shapes the stream; the run's init seed is not part
+    of it. A checkpoint from before it was recorded is compared on the rest.
+    """
+    now = {"global_batch_size": batch_size, "num_data_shards": num_data_shards,
+           "data_stream": dict(data_stream)}
+    if "data_stream" not in data_position:
+        now.pop("data_stream")
     saved = {k: data_position.get(k) for k in now}
     if saved != now:
-        log.warning("Checkpoint's data settings %s differ from this run's %s: the data "
-                    "stream after resuming differs from the original run's.", saved, now)
+        changed = {k: (saved[k], now[k]) for k in now if saved[k] != now[k]}
+        if "data_stream" in changed:
+            before, after = changed.pop("data_stream")
+            changed.update({f"data_stream.{k}": (before.get(k), after.get(k))
+                            for k in set(before) | set(after) if before.get(k) != after.get(k)})
+        log.warning("Checkpoint's data settings differ from this run's (%s): the data "
+                    "stream after resuming differs from the original run's.",
+                    ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items())))
     return saved == now
 
 
 def _saved_shard_positions(checkpointer: checkpoints.Checkpointer,
                            data_position: Mapping[str, Any], *, step: int,
-                           shards: range, batch_size: int, seed: int,
+                           shards: range, batch_size: int, data_stream: Mapping[str, Any],
                            num_data_shards: int) -> dict[int, bytes] | None:
     """The saved positions of this process's shards, when they apply to this run.
 
@@ -245,8 +266,8 @@ def _saved_shard_positions(checkpointer: checkpoints.Checkpointer,
     settings) each shard replays `step` batches: exact, but its cost grows with the
     step.
     """
-    if not _check_data_position(data_position, batch_size=batch_size, seed=seed,
-                                num_data_shards=num_data_shards):
+    if not _check_data_position(data_position, batch_size=batch_size,
+                                data_stream=data_stream, num_data_shards=num_data_shards):
         return None
     positions = checkpointer.read_shard_positions(step, shards=shards,
                                                   num_data_shards=num_data_shards)

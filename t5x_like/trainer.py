@@ -30,8 +30,12 @@ class Model(Protocol):
     """What the trainer needs from a model (see models/t5.py, models/decoder.py).
 
     The model, not the trainer, knows its batch's feature names: a new model family
-    implements these four methods and needs no change here or in train.py.
+    implements these members and needs no change here or in train.py.
     """
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model embeds and predicts (run_config checks the data's fit)."""
 
     def init_lengths(self, feature_lengths: Mapping[str, int]) -> dict[str, int]:
         """The length arguments of `init_params` for batches with these features."""

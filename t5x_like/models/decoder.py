@@ -238,6 +238,11 @@ class DecoderOnlyModel:
     def module(self) -> Decoder:
         return Decoder(config=self.config)
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model embeds and predicts; the data's must be below it."""
+        return self.config.vocab_size
+
     def init_lengths(self, feature_lengths: Mapping[str, int]) -> dict[str, int]:
         """The `init_params` lengths for batches with these (seqio) feature lengths."""
         return {'decoder_length': feature_lengths['decoder_target_tokens']}
