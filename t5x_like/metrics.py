@@ -1,4 +1,5 @@
-"""Where training numbers go: TensorBoard event files and a readable progress line.
+"""Where training numbers go: TensorBoard event files and a readable progress line,
+both showing metrics averaged over the log interval (`IntervalMeans`).
 
 Event files are written with `tensorboardX`'s public `SummaryWriter` API. Why that
 writer: it is maintained, writes ordinary event files that TensorBoard (and
@@ -17,6 +18,8 @@ import os
 import time
 from collections.abc import Mapping
 
+import jax
+import jax.numpy as jnp
 from tensorboardX import SummaryWriter
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,84 @@ class TensorBoardWriter:
 
     def close(self) -> None:
         self._writer.close()
+
+
+# How IntervalMeans averages each train-step metric (see its docstring).
+TOKEN_WEIGHTED = ("loss", "cross_entropy", "z_loss", "accuracy")
+LAST_VALUE = ("learning_rate",)
+COUNTED = ("nonfinite",)
+_STEPS, _TOKENS = "interval/finite_steps", "interval/target_tokens"
+
+
+@jax.jit
+def _accumulate(sums: Mapping, step_metrics: Mapping) -> dict:
+    finite = step_metrics["nonfinite"] == 0
+    tokens = step_metrics["target_tokens"]
+    out = {_STEPS: sums[_STEPS] + finite.astype(jnp.float32),
+           _TOKENS: sums[_TOKENS] + jnp.where(finite, tokens, 0.0)}
+    for name, value in step_metrics.items():
+        if name in COUNTED:
+            out[name] = sums[name] + value
+        elif name in LAST_VALUE:
+            out[name] = value
+        else:
+            weighted = value * tokens if name in TOKEN_WEIGHTED else value
+            out[name] = sums[name] + jnp.where(finite, weighted, 0.0)
+    return out
+
+
+class IntervalMeans:
+    """Train-step metrics averaged over the steps since the last log point.
+
+    How each metric is averaged:
+      loss, cross_entropy, z_loss, accuracy: weighted by each step's `target_tokens`
+        (its loss divisor: the real target tokens under the default 'tokens'
+        normalization), i.e. the value one step over all of the interval's batches
+        would report. CLU's Average and Accuracy metrics weigh T5X's accuracy and
+        loss_per_nonpadding_target_token the same way.
+      learning_rate: the last step's.
+      nonfinite: how many steps had their update dropped (NaN/Inf); those steps are
+        left out of every mean (an interval of only such steps averages to NaN).
+      anything else (grad_norm, param_norm, target_tokens): the mean over steps.
+    The sums stay on device, float32, one small jitted add per step, so the host
+    never waits for a step; `means()` reads them once per log point.
+
+    Checkpoints carry an unfinished interval's sums (`sums()`, restored through
+    `IntervalMeans(sums=...)`), so a run resumed mid-interval logs at the end of
+    that interval exactly what an uninterrupted run logs.
+    """
+
+    def __init__(self, *, sums: Mapping[str, float] | None = None):
+        self._sums: dict = dict(sums or {})
+        self._pending = bool(sums)
+
+    def add(self, step_metrics: Mapping[str, jax.Array]) -> None:
+        start = {name: self._sums.get(name, 0.0)
+                 for name in (*step_metrics, _STEPS, _TOKENS)}
+        self._sums = _accumulate(start, dict(step_metrics))
+        self._pending = True
+
+    def sums(self) -> dict[str, float]:
+        """The interval's sums as host floats ({} right after a reset), for a checkpoint."""
+        if not self._pending:
+            return {}
+        return {name: float(value) for name, value in jax.device_get(self._sums).items()}
+
+    def means(self) -> dict[str, float]:
+        """The interval's averages (reads the device once)."""
+        sums = self.sums()
+        steps, tokens = sums.pop(_STEPS, 0.0), sums.pop(_TOKENS, 0.0)
+        out = {}
+        for name, total in sums.items():
+            if name in COUNTED or name in LAST_VALUE:
+                out[name] = total
+            else:
+                count = tokens if name in TOKEN_WEIGHTED else steps
+                out[name] = total / count if count else math.nan
+        return out
+
+    def reset(self) -> None:
+        self._sums, self._pending = {}, False
 
 
 def format_duration(seconds: float) -> str:

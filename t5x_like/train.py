@@ -79,6 +79,9 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
       init_from: for a new run, take parameters from another run's checkpoint.
       on_nonfinite_loss: a step with a NaN/Inf loss or gradient is never applied;
         'halt' then stops with an error naming the step, 'skip_update' goes on.
+      log_every_steps: the progress line and TensorBoard show, every this many steps
+        (and at the last), the metrics averaged over the steps since the previous
+        multiple (metrics.IntervalMeans: loss and accuracy weighted by target tokens).
     """
     # The run's parts, by the names the sections below use; the mesh is built here.
     model, train_data, batch_size, seed = run.model, run.train_data, run.batch_size, run.seed
@@ -149,6 +152,10 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
         if is_lead_host else None
     progress = metrics_lib.Progress(total_steps=train_steps, start_step=start_step)
     guard = _NonFiniteGuard(policy=on_nonfinite_loss, checkpointer=checkpointer)
+    # Logged values average the steps since the last multiple of log_every_steps; an
+    # unfinished interval's sums go into each checkpoint, so resuming never splits one.
+    interval = metrics_lib.IntervalMeans(
+        sums=None if saved_data is None else saved_data.get(_INTERVAL_SUMS))
     watcher = preemption.PreemptionWatcher()
     data_position = {"step": start_step, "global_batch_size": batch_size,
                      "data_stream": data_stream, "num_data_shards": num_data_shards}
@@ -160,13 +167,16 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
             progress.add_tokens(model.count_real_tokens(local_batch) * jax.process_count())
             state, step_metrics = train_step(
                 state, partitioning.host_local_to_global(local_batch, partitioner))
+            interval.add(step_metrics)              # on device: the host does not wait
             step += 1
             guard.observe(step, step_metrics)      # checks the previous step: no stall
             data_position = {**data_position, "step": step}
             preempted = watcher.should_stop(step)
             is_last = step == train_steps
             if is_last or step % log_every_steps == 0:
-                host_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                host_metrics = interval.means()
+                if step % log_every_steps == 0:     # a last-step log leaves it open
+                    interval.reset()
                 losses[step] = host_metrics["loss"]
                 rates = progress.tick(step)
                 log.info(progress.line(step, host_metrics, rates))
@@ -174,7 +184,9 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
                     writer.write_scalars(step, {**host_metrics, **rates})
             if is_last or preempted or step % checkpoint_every_steps == 0:
                 guard.flush()                      # never save past an unchecked step
-                checkpointer.save(step, state, data_position=data_position,
+                checkpointer.save(step, state,
+                                  data_position={**data_position,
+                                                 _INTERVAL_SUMS: interval.sums()},
                                   shard_positions=batches.positions(),
                                   num_data_shards=num_data_shards)
             if preempted:
@@ -190,6 +202,10 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
     log.info("Stopped at step %d; checkpoints in %s", step, checkpointer.directory)
     return TrainResult(start_step=start_step, final_step=step, losses=losses,
                        final_state=state, preempted=preempted)
+
+
+# Where a checkpoint keeps the sums of a log interval that it cuts in two.
+_INTERVAL_SUMS = "log_interval_sums"
 
 
 class _NonFiniteGuard:
