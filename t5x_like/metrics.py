@@ -1,13 +1,15 @@
 """Where training numbers go: TensorBoard event files and a readable progress line,
 both showing metrics averaged over the log interval (`IntervalMeans`).
 
-Event files are written with `tensorboardX`'s public `SummaryWriter` API. Why that
-writer: it is maintained, writes ordinary event files that TensorBoard (and
-`EventAccumulator`) read, and needs only numpy, protobuf and packaging. The
-alternatives each bring more: the `tensorboard` package's writer is a private
-module and drags in the TensorBoard server (werkzeug, grpcio, markdown, ...);
-`tf.summary` needs TensorFlow, which the core must not; CLU's writers need
-TensorFlow too.
+Event files are written with `tensorboardX`'s event writer. Why that library: it is
+maintained, writes ordinary event files that TensorBoard (and `EventAccumulator`)
+read, and needs only numpy, protobuf and packaging. The alternatives each bring more:
+the `tensorboard` package's writer is a private module and drags in the TensorBoard
+server (werkzeug, grpcio, markdown, ...); `tf.summary` needs TensorFlow, which the
+core must not; CLU's writers need TensorFlow too. We use its synchronous
+`EventsWriter` rather than `SummaryWriter`, whose events reach the file through a
+background thread: its `flush()` does not wait for them, so a run killed right after
+a checkpoint could lose the last logged point.
 """
 
 from __future__ import annotations
@@ -20,30 +22,33 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-from tensorboardX import SummaryWriter
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.summary import scalar
 
 log = logging.getLogger(__name__)
 
 
 class TensorBoardWriter:
-    """Scalar summaries into `<logdir>/events.out.tfevents.*`."""
+    """Scalar summaries into `<logdir>/events.out.tfevents.*`, on disk when
+    `write_scalars` returns."""
 
     def __init__(self, *, logdir: str):
         os.makedirs(logdir, exist_ok=True)
-        self._writer = SummaryWriter(logdir=logdir)
+        self._events = EventsWriter(os.path.join(logdir, "events"))
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         wall_time = time.time()
         for name, value in scalars.items():
-            self._writer.add_scalar(name, float(value), global_step=int(step),
-                                    walltime=wall_time)
-        self._writer.flush()     # log points are rare; a killed run keeps its curve
+            self._events.write_event(Event(wall_time=wall_time, step=int(step),
+                                           summary=scalar(name, float(value))))
+        self._events.flush()     # log points are rare; a killed run keeps its curve
 
     def flush(self) -> None:
-        self._writer.flush()
+        self._events.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        self._events.close()
 
 
 # How IntervalMeans averages each train-step metric (see its docstring).
