@@ -20,8 +20,8 @@ from typing import Any, Literal, Protocol
 import gin
 import jax
 
-from t5x_like import (checkpoints, metrics as metrics_lib, param_table, partitioning,
-                      preemption, trainer)
+from t5x_like import (checkpoints, device_peaks, metrics as metrics_lib, param_table,
+                      partitioning, preemption, trainer)
 from t5x_like.data import host_batches
 from t5x_like.run_config import RunConfig
 
@@ -64,7 +64,8 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
           keep_checkpoint_period: int | None = None, async_checkpointing: bool = True,
           init_from: checkpoints.InitFrom | None = None,
           on_nonfinite_loss: Literal["halt", "skip_update"] = "halt",
-          log_every_steps: int = 10) -> TrainResult:
+          log_every_steps: int = 10,
+          peak_flops_per_device: float | None = None) -> TrainResult:
     """Trains `run.model` on `run.train_data` until `train_steps`, resuming if possible.
 
     Args:
@@ -82,6 +83,8 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
       log_every_steps: the progress line and TensorBoard show, every this many steps
         (and at the last), the metrics averaged over the steps since the previous
         multiple (metrics.IntervalMeans: loss and accuracy weighted by target tokens).
+      peak_flops_per_device: the FLOP/s that MFU is measured against; default: the
+        device's dense bf16 peak from device_peaks.py (none on CPU: no MFU shown).
     """
     # The run's parts, by the names the sections below use; the mesh is built here.
     model, train_data, batch_size, seed = run.model, run.train_data, run.batch_size, run.seed
@@ -150,7 +153,12 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
     train_step = run.jitted_train_step(partitioner, layout, feature_lengths)
     writer = metrics_lib.TensorBoardWriter(logdir=os.path.join(model_dir, "train")) \
         if is_lead_host else None
-    progress = metrics_lib.Progress(total_steps=train_steps, start_step=start_step)
+    progress = metrics_lib.Progress(
+        total_steps=train_steps, start_step=start_step, num_devices=jax.device_count(),
+        flops_per_step=model.training_flops_per_step(feature_lengths=feature_lengths,
+                                                     batch_size=batch_size),
+        peak_flops_per_device=(peak_flops_per_device or
+                               device_peaks.peak_bf16_flops(jax.devices()[0].device_kind)))
     guard = _NonFiniteGuard(policy=on_nonfinite_loss, checkpointer=checkpointer)
     # Logged values average the steps since the last multiple of log_every_steps; an
     # unfinished interval's sums go into each checkpoint, so resuming never splits one.
