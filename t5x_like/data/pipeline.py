@@ -267,6 +267,21 @@ class SeqioDataSource:
                              f"{self.feature_converter!r} does not use; give only "
                              f"{list(consumed)}")
 
+    def eval_sources(self, *, split: str = "validation") -> dict[str, SeqioDataSource]:
+        """{task: an unshuffled source of its `split`}, for every task of this source
+        (each member of a mixture), with this source's lengths, converter, packing
+        and seed: the data that in-loop eval and launch.eval score. Tasks without
+        the split are left out, with a warning."""
+        sources = {}
+        for task in _tasks_of(_lookup(self.mixture_or_task_name)):
+            if task.source.splits and split not in task.source.splits:
+                log.warning("task %r has no %r split (it has %s): not evaluated.",
+                            task.name, split, list(task.source.splits))
+                continue
+            sources[task.name] = dataclasses.replace(
+                self, mixture_or_task_name=task.name, split=split, shuffle=False)
+        return sources
+
     def _converter(self) -> seqio.FeatureConverter:
         spec = converters.get(self.feature_converter)
         return getattr(seqio, spec.seqio_class)(pack=self.pack, **spec.seqio_kwargs)

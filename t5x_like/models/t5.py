@@ -299,17 +299,10 @@ class EncoderDecoderModel:
         variables = self.module.init({'params': rng}, enc, dec, enable_dropout=False)
         return variables['params']
 
-    def loss_and_metrics(
-        self, params, batch: Mapping[str, Array], *, dropout_rng: Array | None
-    ) -> tuple[Array, dict[str, Array]]:
-        """Mean loss over weighted target tokens, plus exact sums for aggregation.
-
-        metrics: loss_sum (cross-entropy + z-loss, weighted), z_loss_sum,
-        accuracy_sum (weighted count of argmax == target), weight_sum.
-        Dropout is on iff `dropout_rng` is given.
-        """
+    def logits(self, params, batch: Mapping[str, Array], *, dropout_rng: Array | None = None):
+        """Teacher-forced float32 logits [B, Ld, vocab] for a batch of seqio features."""
         rngs = {'dropout': dropout_rng} if dropout_rng is not None else {}
-        logits_BxLxV = self.module.apply(
+        return self.module.apply(
             {'params': params},
             batch['encoder_input_tokens'],
             batch['decoder_input_tokens'],
@@ -320,6 +313,17 @@ class EncoderDecoderModel:
             enable_dropout=dropout_rng is not None,
             rngs=rngs,
         )
+
+    def loss_and_metrics(
+        self, params, batch: Mapping[str, Array], *, dropout_rng: Array | None
+    ) -> tuple[Array, dict[str, Array]]:
+        """Mean loss over weighted target tokens, plus exact sums for aggregation.
+
+        metrics: loss_sum (cross-entropy + z-loss, weighted), z_loss_sum,
+        accuracy_sum (weighted count of argmax == target), weight_sum.
+        Dropout is on iff `dropout_rng` is given.
+        """
+        logits_BxLxV = self.logits(params, batch, dropout_rng=dropout_rng)
         return losses.loss_and_metric_sums(
             logits_BxLxV,
             batch['decoder_target_tokens'],
