@@ -112,15 +112,19 @@ def format_line(step: int, task: str, metrics: Mapping[str, float]) -> str:
 class TeacherForcedEvaluator:
     """Loss, accuracy and perplexity per task on fixed validation batches.
 
-    The batches (this process's rows of `num_batches` global batches per task, from
-    the start of each task's validation split) are read when the evaluator is built
-    and reused at every evaluation. TensorBoard scalars go to `<logdir>/<task>`.
+    The batches (`num_batches` global batches per task, from the start of each
+    task's validation split) are read when the evaluator is built and reused at
+    every evaluation. Every process reads them whole, as one data shard, and keeps
+    its own rows: the eval batches are then the same on any number of processes
+    and whatever the training's `num_data_shards`, so in-loop eval and launch.eval
+    report the same numbers for the same parameters. (Eval data is small; reading
+    it on every host costs little.) TensorBoard scalars go to `<logdir>/<task>`.
     """
 
     def __init__(self, *, model: Model, sources: Mapping[str, host_batches.ShardableSource],
                  partitioner: partitioning.Partitioner, param_shardings: Any,
                  batch_feature_names: tuple[str, ...], batch_size: int, num_batches: int,
-                 num_data_shards: int, logdir: str | None):
+                 logdir: str | None):
         if num_batches < 1:
             raise ValueError(f"eval_batches must be >= 1, got {num_batches}")
         if not sources:
@@ -129,13 +133,18 @@ class TeacherForcedEvaluator:
         self._step = jit_eval_step(model, partitioner=partitioner,
                                    param_shardings=param_shardings,
                                    batch_feature_names=batch_feature_names)
+        if batch_size % jax.process_count():
+            raise ValueError(f"eval batch size {batch_size} must divide evenly over "
+                             f"{jax.process_count()} processes")
+        rows = batch_size // jax.process_count()
+        mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
         self._batches = {}
         for task, source in sources.items():
-            batches = host_batches.HostBatches(
-                source, global_batch_size=batch_size, num_data_shards=num_data_shards,
-                process_index=jax.process_index(), process_count=jax.process_count(),
-                start_step=0)
-            self._batches[task] = [next(batches) for _ in range(num_batches)]
+            whole = host_batches.HostBatches(source, global_batch_size=batch_size,
+                                             num_data_shards=1, process_index=0,
+                                             process_count=1, start_step=0)
+            self._batches[task] = [{name: value[mine] for name, value in next(whole).items()}
+                                   for _ in range(num_batches)]
         self._writers = {}
         if logdir is not None and jax.process_index() == 0:
             self._writers = {task: metrics_lib.TensorBoardWriter(
@@ -167,9 +176,8 @@ class TeacherForcedEvaluator:
 
 
 def evaluator_for_run(*, run: Any, partitioner: partitioning.Partitioner,
-                      param_shardings: Any, num_batches: int, num_data_shards: int,
-                      logdir: str | None, split: str = "validation"
-                      ) -> TeacherForcedEvaluator:
+                      param_shardings: Any, num_batches: int, logdir: str | None,
+                      split: str = "validation") -> TeacherForcedEvaluator:
     """The evaluator of a RunConfig: its training source's `split`, task by task."""
     data = run.train_data
     if not hasattr(data, "eval_sources"):
@@ -181,4 +189,4 @@ def evaluator_for_run(*, run: Any, partitioner: partitioning.Partitioner,
         model=run.model, sources=sources, partitioner=partitioner,
         param_shardings=param_shardings,
         batch_feature_names=tuple(data.model_feature_lengths()), batch_size=run.batch_size,
-        num_batches=num_batches, num_data_shards=num_data_shards, logdir=logdir)
+        num_batches=num_batches, logdir=logdir)

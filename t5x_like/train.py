@@ -108,8 +108,8 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
     # ----------------------------------------------------------- eval data (before any FLOP)
     evaluator = evaluation.evaluator_for_run(
         run=run, partitioner=partitioner, param_shardings=layout.shardings.params,
-        num_batches=eval_batches, num_data_shards=num_data_shards,
-        logdir=os.path.join(model_dir, "eval")) if eval_every_steps else None
+        num_batches=eval_batches, logdir=os.path.join(model_dir, "eval")
+    ) if eval_every_steps else None
 
     # ----------------------------------------------------------- restore or init
     checkpointer = checkpoints.Checkpointer(

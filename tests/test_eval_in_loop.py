@@ -6,14 +6,12 @@ import signal
 
 import jax
 import numpy as np
-import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from launch_helpers import (checkpoint_steps, logged_losses, run_train, start_train,
-                            wait_for_checkpoint)
+from launch_helpers import (EVAL_ON, checkpoint_steps, logged_losses, run_train,
+                            start_train, wait_for_checkpoint)
 from t5x_like import checkpoints
 
-EVAL_ON = ("--gin.train_lib.train.eval_every_steps=2", "--gin.train_lib.train.eval_batches=2")
 TASK = "pydocs_span_corruption"
 
 
@@ -29,13 +27,6 @@ def final_params(model_dir):
     params = reader.read_state(6)["params"]
     reader.close()
     return params
-
-
-@pytest.fixture(scope="module")
-def eval_run(tmp_path_factory):
-    model_dir = str(tmp_path_factory.mktemp("eval_on"))
-    log = run_train(model_dir, "--gin.TRAIN_STEPS=6", *EVAL_ON)
-    return model_dir, log
 
 
 def test_eval_on_changes_no_training_loss_and_writes_eval_metrics(eval_run, straight_run):
