@@ -32,6 +32,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 
 from t5x_like import checkpoints, evaluation, metrics as metrics_lib, predictions
 
@@ -134,6 +135,79 @@ def _steps_to_evaluate(mode: str | int, available: list[int], done: set[int]) ->
     return [s for s in wanted if s not in done]
 
 
+def _as_on_process_0(values: list[int]) -> list[int]:
+    """Process 0's `values` on every process. Evaluating is collective, so all
+    processes must pick the same steps and stop together, even when a checkpoint or a
+    record appears between their looks at the directory."""
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+    count = int(multihost_utils.broadcast_one_to_all(np.int32(len(values))))
+    padded = np.zeros(count, np.int64)
+    padded[:min(count, len(values))] = values[:count]
+    return [int(v) for v in multihost_utils.broadcast_one_to_all(padded)]
+
+
+class StepEvaluator:
+    """Everything one checkpoint's evaluation needs, built once: the teacher-forced
+    evaluator, the task metrics with their predictor, and where results go."""
+
+    def __init__(self, *, run: Any, records: EvalRecords, eval_batches: int, split: str,
+                 predictor: predictions.Predictor, num_examples: int | None):
+        partitioner = run.partitioner()
+        layout = run.state_layout(partitioner, run.feature_lengths())
+        self.abstract_params = layout.abstract_with_shardings().params
+        self._teacher_forced = evaluation.evaluator_for_run(
+            run=run, partitioner=partitioner, param_shardings=layout.shardings.params,
+            num_batches=eval_batches, logdir=None, split=split)
+        self._scorer = (run.train_data.prediction_metrics(split=split,
+                                                          num_examples=num_examples)
+                        if hasattr(run.train_data, "prediction_metrics") else None)
+        bound = dict(model=run.model, partitioner=partitioner,
+                     param_shardings=layout.shardings.params)
+        scorer = self._scorer
+        self._predict = predictor.bind(**bound) if scorer and scorer.needs_predictions else None
+        self._score = (predictions.log_likelihood_fn(**bound)
+                       if scorer and scorer.needs_scores else None)
+        self._predictor_name = predictor.name
+        self._batch_size = run.batch_size
+        self._records = records
+        self._writers: dict[str, metrics_lib.TensorBoardWriter] = {}
+
+    def evaluate(self, step: int, params: Any) -> dict[str, dict[str, float]]:
+        """{task: scores} of `params` (checkpoint `step`); logged, written to
+        TensorBoard and to the step's record by process 0."""
+        scores = self._teacher_forced.evaluate(step, params)
+        examples = {}
+        if self._scorer is not None:
+            predict, score = self._predict, self._score
+            decoded, examples = self._scorer.evaluate(
+                predict=None if predict is None else lambda batch: predict(params, batch),
+                score=None if score is None else lambda batch: score(params, batch),
+                batch_size=self._batch_size)
+            for task, values in decoded.items():
+                named = {f"{self._predictor_name}/{name}": v for name, v in values.items()}
+                scores.setdefault(task, {}).update(named)
+                log.info("eval step %d | %s | %s", step, task, " | ".join(
+                    f"{name} {value:.2f}" for name, value in named.items()))
+        if jax.process_index() == 0:
+            for task, values in scores.items():
+                if task not in self._writers:
+                    self._writers[task] = metrics_lib.TensorBoardWriter(
+                        logdir=os.path.join(self._records.directory, task))
+                self._writers[task].write_scalars(step, values)
+            self._records.write(step, scores, examples={
+                task: pairs[:EXAMPLES_IN_RECORD] for task, pairs in examples.items()})
+            log.info("Checkpoint step %d evaluated: %s", step, self._records.path(step))
+        return scores
+
+    def close(self) -> None:
+        if self._scorer is not None:
+            self._scorer.close()
+        for writer in self._writers.values():
+            writer.close()
+
+
 def evaluate_checkpoints(*, run: Any, model_dir: str, checkpoint: str | int = "latest",
                          watch: bool = False, timeout_s: float = 3600.0,
                          poll_s: float = 10.0, final_step: int | None = None,
@@ -159,54 +233,12 @@ def evaluate_checkpoints(*, run: Any, model_dir: str, checkpoint: str | int = "l
     mode = parse_checkpoint(checkpoint)
     directory = os.path.join(os.path.abspath(model_dir), "checkpoints")
     _check_request(directory, mode, watch)
-    is_lead_host = jax.process_index() == 0
-    eval_dir = os.path.join(model_dir, "eval")
-    records = EvalRecords(eval_dir, settings={
+    records = EvalRecords(os.path.join(model_dir, "eval"), settings={
         "split": split, "eval_batches": eval_batches, "batch_size": run.batch_size,
         "predictor": predictor.name, "num_examples": num_examples})
-
-    # ------------------------------------------------------------ what is evaluated
-    partitioner = run.partitioner()
-    layout = run.state_layout(partitioner, run.feature_lengths())
-    abstract_params = layout.abstract_with_shardings().params
-    teacher_forced = evaluation.evaluator_for_run(
-        run=run, partitioner=partitioner, param_shardings=layout.shardings.params,
-        num_batches=eval_batches, logdir=None, split=split)
-    scorer = (run.train_data.prediction_metrics(split=split, num_examples=num_examples)
-              if hasattr(run.train_data, "prediction_metrics") else None)
-    bound = dict(model=run.model, partitioner=partitioner,
-                 param_shardings=layout.shardings.params)
-    predict = predictor.bind(**bound) if scorer and scorer.needs_predictions else None
-    score = predictions.log_likelihood_fn(**bound) if scorer and scorer.needs_scores else None
-    writers: dict[str, metrics_lib.TensorBoardWriter] = {}
+    evaluator = StepEvaluator(run=run, records=records, eval_batches=eval_batches,
+                              split=split, predictor=predictor, num_examples=num_examples)
     results: dict[int, dict[str, dict[str, float]]] = {}
-
-    def evaluate(step: int, reader: checkpoints.CheckpointReader) -> None:
-        params = reader.restore_params(step, abstract_params=abstract_params)
-        scores = teacher_forced.evaluate(step, params)
-        examples = {}
-        if scorer is not None:
-            decoded, examples = scorer.evaluate(
-                predict=None if predict is None else lambda batch: predict(params, batch),
-                score=None if score is None else lambda batch: score(params, batch),
-                batch_size=run.batch_size)
-            for task, values in decoded.items():
-                named = {f"{predictor.name}/{name}": v for name, v in values.items()}
-                scores.setdefault(task, {}).update(named)
-                log.info("eval step %d | %s | %s", step, task, " | ".join(
-                    f"{name} {value:.2f}" for name, value in named.items()))
-        results[step] = scores
-        if is_lead_host:
-            for task, values in scores.items():
-                if task not in writers:
-                    writers[task] = metrics_lib.TensorBoardWriter(
-                        logdir=os.path.join(eval_dir, task))
-                writers[task].write_scalars(step, values)
-            records.write(step, scores, examples={
-                task: pairs[:EXAMPLES_IN_RECORD] for task, pairs in examples.items()})
-            log.info("Checkpoint step %d evaluated: %s", step, records.path(step))
-
-    # ------------------------------------------------------------ the polling loop
     reader, seen, last_new = None, set(), time.monotonic()
     try:
         while True:
@@ -216,23 +248,29 @@ def evaluate_checkpoints(*, run: Any, model_dir: str, checkpoint: str | int = "l
             if set(available) - seen:
                 seen.update(available)
                 last_new = time.monotonic()
-            for step in _steps_to_evaluate(mode, available, records.done()):
+            for step in _as_on_process_0(_steps_to_evaluate(mode, available,
+                                                             records.done())):
                 try:
-                    evaluate(step, reader)
+                    params = reader.restore_params(
+                        step, abstract_params=evaluator.abstract_params)
                 except Exception:
                     if not watch or step in reader.steps():
                         raise
                     # The training job's keep_checkpoints removed it meanwhile.
                     log.warning("Checkpoint step %d was deleted before it could be "
                                 "evaluated; skipped.", step)
+                    continue
+                results[step] = evaluator.evaluate(step, params)
             if not watch:
                 break
-            done = records.done()
             target = mode if isinstance(mode, int) else final_step
-            if target is not None and target in done:
+            finished = target is not None and target in records.done()
+            timed_out = time.monotonic() - last_new > timeout_s
+            finished, timed_out = _as_on_process_0([finished, timed_out])
+            if finished:
                 log.info("Step %d is evaluated; stopped watching.", target)
                 break
-            if time.monotonic() - last_new > timeout_s:
+            if timed_out:
                 log.info("No new checkpoint in %s for %.0f s; stopped watching.",
                          directory, timeout_s)
                 break
@@ -240,8 +278,5 @@ def evaluate_checkpoints(*, run: Any, model_dir: str, checkpoint: str | int = "l
     finally:
         if reader is not None:
             reader.close()
-        if scorer is not None:
-            scorer.close()
-        for writer in writers.values():
-            writer.close()
+        evaluator.close()
     return results

@@ -18,7 +18,9 @@ sys.meta_path.insert(0, NoTensorFlow())
 import jax
 from t5x_like import checkpoints, gin_config, metrics, optimizers, param_table, partitioning
 from t5x_like import aot, launcher, run_config, train, trainer
-from t5x_like.data import converters, host_batches, synthetic
+from t5x_like import checkpoint_eval, evaluation, predictions
+from t5x_like.data import converters, host_batches, synthetic, text_metrics
+from t5x_like.hf import init_from
 from t5x_like.models import decoder, layers, losses, t5, t5_layers
 
 model = t5.EncoderDecoderModel(config=t5.T5Config(
