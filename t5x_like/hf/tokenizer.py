@@ -1,0 +1,62 @@
+"""The tokenizer of a Hugging Face checkpoint directory, for text in and out.
+
+`load(directory)` returns an object with `encode(text) -> ids` (no special tokens
+added) and `decode(ids) -> text`, from the directory's `tokenizer.model`
+(SentencePiece: T5, Llama 2) or, failing that, its `tokenizer.json` (the
+`tokenizers` package: Llama 3); None when it has neither (prompts must then be
+given as token ids). A missing package is a ValueError that says which to install.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class _SentencePiece:
+    def __init__(self, path: str):
+        try:
+            import sentencepiece
+        except ImportError as e:
+            raise ValueError(f"{path} is a SentencePiece model, which needs the "
+                             "sentencepiece package — pip install sentencepiece") from e
+        self._model = sentencepiece.SentencePieceProcessor(model_file=path)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._model.encode(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self._model.decode(list(ids))
+
+
+class _TokenizersJson:
+    def __init__(self, path: str):
+        try:
+            import tokenizers
+        except ImportError as e:
+            raise ValueError(f"{os.path.dirname(path)} has only tokenizer.json, which needs "
+                             "the tokenizers package — pip install tokenizers, or give "
+                             "prompts as input_ids") from e
+        self._tokenizer = tokenizers.Tokenizer.from_file(path)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(list(ids))
+
+
+def load(directory: str) -> Tokenizer | None:
+    sentencepiece_model = os.path.join(directory, "tokenizer.model")
+    if os.path.exists(sentencepiece_model):
+        return _SentencePiece(sentencepiece_model)
+    tokenizer_json = os.path.join(directory, "tokenizer.json")
+    if os.path.exists(tokenizer_json):
+        return _TokenizersJson(tokenizer_json)
+    return None
