@@ -6,18 +6,21 @@ log-probability) are kept, so that K live beams remain even when K of them just
 produced EOS. The model's state (its KV cache) follows its beams: after each step
 it is reordered by the live beams' parents.
 
-The two rule sets (`RULES`, chosen by `DecodeConfig.length_penalty`) differ in four
-places; n is the number of generated tokens, EOS included:
+The two rule sets (`RULES`, chosen by `DecodeConfig.length_penalty`: 't5x' as T5X's
+`beam_search`, 'hf' as transformers' `generate`) differ in four places; n is the
+number of generated tokens, EOS included:
 
-| rule | 't5x' (T5X `beam_search`) | 'hf' (transformers `generate`) |
-|---|---|---|
-| a finished beam's score | log p / ((5 + n) / 6) ** alpha | log p / n ** alpha |
-| which of the 2K extensions ending in EOS may finish | all | the K best-ranked only |
-| a beam still live at the maximum length | returned only if nothing finished | finishes there, like EOS |
-| stop early once | no live beam can beat the worst finished one even at the maximum length (an exact bound) | the best live beam, scored at its current length, cannot (HF's default heuristic, `early_stopping=False`) |
+- a finished beam's score: 't5x' log p / ((5 + n) / 6) ** alpha; 'hf' log p / n ** alpha.
+- which of the 2K extensions ending in EOS may finish: 't5x' all of them; 'hf' only
+  those ranked among the K best.
+- a beam still live at the maximum length: 't5x' returns it only if nothing finished;
+  'hf' finishes it there, as if it had produced EOS.
+- stopping early: 't5x' once no live beam can beat the worst finished one even at the
+  maximum length (an exact bound, so the result is that of running to the end); 'hf'
+  once the best live beam, scored at its current length, cannot (HF's default
+  heuristic, `early_stopping=False`).
 
-Both loops stop at the maximum length, and only when all K finished slots are
-filled can the early stop fire.
+Either way the early stop needs all K finished slots filled.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+
+from t5x_like.models import kv_cache
 
 Array = jax.Array
 # Large and finite (as both references use): keeps arithmetic on masked scores finite.
@@ -113,6 +118,19 @@ def _advance(beams: _Beams, logits_BKxV: Array, *, eos_id: int, max_length: int,
                   finished_BxK=finished_BxK, improvable_B=improvable_B), parent_BxK
 
 
+def reorder(state: Any, rows: Array) -> Any:
+    """The state's rows `rows` (each beam takes its parent's cache), except for the
+    fields declared `kv_cache.same_for_every_beam()`, which stay as they are."""
+    take = lambda x: jnp.take(x, rows, axis=0)
+    if not dataclasses.is_dataclass(state):
+        return jax.tree.map(take, state)
+    moved = {f.name: jax.tree.map(take, getattr(state, f.name))
+             for f in dataclasses.fields(state)
+             if f.metadata.get('pytree_node', True)
+             and not f.metadata.get(kv_cache.SAME_FOR_EVERY_BEAM)}
+    return dataclasses.replace(state, **moved)
+
+
 def beam_search(step_fn: Callable[[Any, Array, Array], tuple[Array, Any]],
                 first_logits_BxV: Array, state: Any, *, num_beams: int,
                 max_decode_length: int, eos_id: int, rules: BeamRules, alpha: float
@@ -146,8 +164,7 @@ def beam_search(step_fn: Callable[[Any, Array, Array], tuple[Array, Any]],
 
     def body(carry):
         beams, state, parent_BxK = carry
-        rows = (jnp.arange(batch)[:, None] * k + parent_BxK).reshape(-1)
-        state = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), state)
+        state = reorder(state, (jnp.arange(batch)[:, None] * k + parent_BxK).reshape(-1))
         last_BK = jax.lax.dynamic_index_in_dim(beams.live_tokens_BxKxL, beams.position - 1,
                                                axis=2, keepdims=False).reshape(-1)
         logits_BKxV, state = step_fn(state, last_BK, beams.position - 1)

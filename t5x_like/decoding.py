@@ -171,6 +171,30 @@ def lengths_up_to_eos(tokens_BxL: Array, eos_id: int) -> Array:
                      tokens_BxL.shape[1]).astype(jnp.int32)
 
 
+@flax.struct.dataclass
+class _Sampled:
+    position: Array       # scalar: tokens generated so far
+    tokens_BxL: Array
+    finished_B: Array     # produced EOS
+    scores_B: Array
+    last_B: Array         # the latest token of every row (fed to the next step)
+
+
+def _emit(sampled: _Sampled, logits_BxV: Array, *, config: DecodeConfig, rng: Array
+          ) -> _Sampled:
+    """Chooses token number `sampled.position` of every row from its logits."""
+    position, finished_B = sampled.position, sampled.finished_B
+    chosen_B = jnp.where(finished_B, 0,
+                         next_tokens(logits_BxV, jax.random.fold_in(rng, position), config))
+    log_prob_B = jnp.where(finished_B, 0.0, _token_log_prob(logits_BxV, chosen_B))
+    return _Sampled(
+        position=position + 1,
+        tokens_BxL=jax.lax.dynamic_update_slice(sampled.tokens_BxL, chosen_B[:, None],
+                                                (0, position)),
+        finished_B=finished_B | (chosen_B == config.eos_id),
+        scores_B=sampled.scores_B + log_prob_B, last_B=chosen_B)
+
+
 def sample(step_fn, first_logits_BxV: Array, state: Any, *, config: DecodeConfig,
            rng: Array) -> DecodeResult:
     """Greedy or sampled decoding from the first token's logits.
@@ -180,33 +204,24 @@ def sample(step_fn, first_logits_BxV: Array, state: Any, *, config: DecodeConfig
     score; the loop stops when every row has finished or at max_decode_length.
     """
     batch, length = first_logits_BxV.shape[0], config.max_decode_length
-
-    def emit(carry, logits_BxV):
-        position, tokens_BxL, finished_B, scores_B, _ = carry[:5]
-        chosen_B = next_tokens(logits_BxV, jax.random.fold_in(rng, position), config)
-        chosen_B = jnp.where(finished_B, 0, chosen_B)
-        scores_B = scores_B + jnp.where(finished_B, 0.0, _token_log_prob(logits_BxV, chosen_B))
-        tokens_BxL = jax.lax.dynamic_update_slice(tokens_BxL, chosen_B[:, None], (0, position))
-        return (position + 1, tokens_BxL, finished_B | (chosen_B == config.eos_id), scores_B,
-                chosen_B)
-
-    start = (jnp.int32(0), jnp.zeros((batch, length), jnp.int32), jnp.zeros(batch, bool),
-             jnp.zeros(batch, jnp.float32), jnp.zeros(batch, jnp.int32))
-    carry = emit(start, first_logits_BxV) + (state,)
+    emit = functools.partial(_emit, config=config, rng=rng)
+    start = _Sampled(position=jnp.int32(0), tokens_BxL=jnp.zeros((batch, length), jnp.int32),
+                     finished_B=jnp.zeros(batch, bool), scores_B=jnp.zeros(batch, jnp.float32),
+                     last_B=jnp.zeros(batch, jnp.int32))
 
     def not_done(carry):
-        position, _, finished_B = carry[:3]
-        return (position < length) & ~jnp.all(finished_B)
+        sampled, _ = carry
+        return (sampled.position < length) & ~jnp.all(sampled.finished_B)
 
     def body(carry):
-        position, last_B, state = carry[0], carry[4], carry[5]
-        logits_BxV, state = step_fn(state, last_B, position - 1)
-        return emit(carry, logits_BxV) + (state,)
+        sampled, state = carry
+        logits_BxV, state = step_fn(state, sampled.last_B, sampled.position - 1)
+        return emit(sampled, logits_BxV), state
 
-    _, tokens_BxL, _, scores_B, _, _ = jax.lax.while_loop(not_done, body, carry)
-    return DecodeResult(tokens_BxL=tokens_BxL,
-                        lengths_B=lengths_up_to_eos(tokens_BxL, config.eos_id),
-                        scores_B=scores_B)
+    sampled, _ = jax.lax.while_loop(not_done, body, (emit(start, first_logits_BxV), state))
+    return DecodeResult(tokens_BxL=sampled.tokens_BxL,
+                        lengths_B=lengths_up_to_eos(sampled.tokens_BxL, config.eos_id),
+                        scores_B=sampled.scores_B)
 
 
 # ---------------------------------------------------------------------------

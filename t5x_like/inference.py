@@ -243,7 +243,8 @@ def from_hf(directory: str, *, partitioner: partitioning.Partitioner) -> Source:
     eos = int(eos[0] if isinstance(eos, list) else eos)
 
     if model_type == "llama":
-        layout, append_eos = PromptLayout(converter="lm", bos_id=hf_config.get("bos_token_id")), False
+        layout = PromptLayout(converter="lm", bos_id=hf_config.get("bos_token_id"))
+        append_eos = False
 
         def load():
             model = decoder.DecoderOnlyModel(config=llama.config_from_hf(hf_config))
@@ -252,7 +253,7 @@ def from_hf(directory: str, *, partitioner: partitioning.Partitioner) -> Source:
                 directory, shardings=jax.tree.map(lambda a: a.sharding, target))
             return model, params
     elif model_type == "t5":
-        layout, append_eos = PromptLayout(converter="enc_dec"), True
+        layout, append_eos = PromptLayout(converter="enc_dec"), True    # T5 inputs end in EOS
 
         def load():
             # The import decides from the tensors whether the output layer is tied, so
@@ -282,6 +283,9 @@ def run_inference(source: Source, prompts: Sequence[Prompt], *, output: str,
     mesh before reading any weight. The last batch is filled up with copies of its
     first prompt, whose results are dropped. EOS is the vocabulary's (or config.json's).
     """
+    if jax.process_count() > 1:
+        raise InferError("launch.infer runs in one process (its batches are whole global "
+                         "batches) — start it without --num_processes")
     width = max_input_length or source.max_input_length
     for prompt in prompts:
         length = len(source.layout.model_tokens(prompt.ids))

@@ -178,7 +178,8 @@ def test_eos_stops_a_row_pads_after_it_and_ends_its_score():
   first[0, 4] = 5.0
   first[1, 3] = 5.0             # row 1 starts with 3, never meets EOS
   table[:, 3, 3] = 6.0
-  result = decoding.sample(_toy_step(jnp.asarray(table)), jnp.asarray(first), {'dummy': jnp.zeros(2)},
+  result = decoding.sample(_toy_step(jnp.asarray(table)), jnp.asarray(first),
+                           {'dummy': jnp.zeros(2)},
                            config=decoding.DecodeConfig(max_decode_length=length, eos_id=eos),
                            rng=jax.random.key(0))
   np.testing.assert_array_equal(result.tokens_BxL, [[4, 4, eos, 0, 0], [3, 3, 3, 3, 3]])

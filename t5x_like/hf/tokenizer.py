@@ -1,10 +1,11 @@
 """The tokenizer of a Hugging Face checkpoint directory, for text in and out.
 
 `load(directory)` returns an object with `encode(text) -> ids` (no special tokens
-added) and `decode(ids) -> text`, from the directory's `tokenizer.model`
-(SentencePiece: T5, Llama 2) or, failing that, its `tokenizer.json` (the
-`tokenizers` package: Llama 3); None when it has neither (prompts must then be
-given as token ids). A missing package is a ValueError that says which to install.
+added) and `decode(ids) -> text`, from the directory's SentencePiece model
+(`tokenizer.model`: Llama 2; `spiece.model`: T5) or, failing that, its
+`tokenizer.json` (the `tokenizers` package: Llama 3); None when it has none of them
+(prompts must then be given as token ids). A missing package is a ValueError that
+says which to install.
 """
 
 from __future__ import annotations
@@ -32,7 +33,18 @@ class _SentencePiece:
         return list(self._model.encode(text))
 
     def decode(self, ids: list[int]) -> str:
-        return self._model.decode(list(ids))
+        """Ids past the model's pieces are T5's sentinels, 100 of them counted down
+        from the top (<extra_id_0> is the highest id), as T5's tokenizer writes them."""
+        pieces = self._model.get_piece_size()
+        text, run = [], []
+        for i in ids:
+            if i < pieces:
+                run.append(int(i))
+                continue
+            text.append(self._model.decode(run))
+            run = []
+            text.append(f"<extra_id_{pieces + 99 - int(i)}>")
+        return "".join(text + [self._model.decode(run)])
 
 
 class _TokenizersJson:
@@ -53,9 +65,9 @@ class _TokenizersJson:
 
 
 def load(directory: str) -> Tokenizer | None:
-    sentencepiece_model = os.path.join(directory, "tokenizer.model")
-    if os.path.exists(sentencepiece_model):
-        return _SentencePiece(sentencepiece_model)
+    for name in ("tokenizer.model", "spiece.model"):
+        if os.path.exists(os.path.join(directory, name)):
+            return _SentencePiece(os.path.join(directory, name))
     tokenizer_json = os.path.join(directory, "tokenizer.json")
     if os.path.exists(tokenizer_json):
         return _TokenizersJson(tokenizer_json)

@@ -237,9 +237,10 @@ class DecodeState:
     """
 
     cache: Any               # per layer: cached_key/value [B, (layers,) T, kv_heads, kv]
-    first_slot_B: Array      # left padding of each row = its first real slot
-    prompt_width: int = flax.struct.field(pytree_node=False)
-    cache_length: int = flax.struct.field(pytree_node=False)
+    # Left padding of each row = its first real slot.
+    first_slot_B: Array = kv_cache.same_for_every_beam()
+    prompt_width: int = flax.struct.field(pytree_node=False, default=0)
+    cache_length: int = flax.struct.field(pytree_node=False, default=0)
 
 
 def left_aligned_prompts(batch: Mapping[str, Array]) -> tuple[Array, Array, bool]:

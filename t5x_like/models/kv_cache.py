@@ -16,18 +16,49 @@ every later step instead of projecting the encoder output again.
 What a slot is, is the model's business: the decoder-only model left-aligns
 prompts of different lengths so that all rows write the same slot at each step (one
 scalar index, one `dynamic_update_slice`), and masks each row's left padding.
+
+Beam search reorders a model's decoding state along its beams after every step. A
+state field declared `same_for_every_beam()` (the encoded input's cross-attention
+keys/values, the encoder padding) is identical for all beams of an example, so it
+is repeated once and never reordered: that saves copying it at every step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+
+
+SAME_FOR_EVERY_BEAM = 'same_for_every_beam'
+
+
+def same_for_every_beam():
+    """A decoding-state field that beam search need not reorder (see the top)."""
+    return flax.struct.field(metadata={SAME_FOR_EVERY_BEAM: True})
+
+
+def split_cross_attention(cache: Mapping[str, Any]) -> tuple[dict, dict]:
+    """A 'cache' collection -> (self-attention part, cross-attention part)."""
+    flat = traverse_util.flatten_dict(cache)
+    cross = {k: v for k, v in flat.items() if k[-1] in ('cross_key', 'cross_value')}
+    rest = {k: v for k, v in flat.items() if k not in cross}
+    return traverse_util.unflatten_dict(rest), traverse_util.unflatten_dict(cross)
+
+
+def merge(*caches: Mapping[str, Any]) -> dict:
+    """The inverse of `split_cross_attention`."""
+    flat = {}
+    for cache in caches:
+        flat.update(traverse_util.flatten_dict(cache))
+    return traverse_util.unflatten_dict(flat)
 
 
 @flax.struct.dataclass

@@ -283,12 +283,13 @@ class Transformer(nn.Module):
 class DecodeState:
     """The encoder-decoder's state between decoding steps (see decoding.py)."""
 
-    # Per decoder layer: the self-attention cache cached_key/value [B, (layers,) T, H, kv]
-    # and the encoded input's cross-attention cross_key/value [B, (layers,) E, H, kv].
+    # Per decoder layer: the self-attention cache cached_key/value [B, (layers,) T, H, kv].
     cache: Any
+    # Per decoder layer: the encoded input's cross_key/value [B, (layers,) E, H, kv].
+    cross_cache: Any = kv_cache.same_for_every_beam()
     # What the cross-attention may see: 1 on real encoder tokens, 0 on padding.
-    encoder_segments_BxE: Array
-    cache_length: int = flax.struct.field(pytree_node=False)
+    encoder_segments_BxE: Array = kv_cache.same_for_every_beam()
+    cache_length: int = flax.struct.field(pytree_node=False, default=0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -336,7 +337,7 @@ class EncoderDecoderModel:
                                                       attention_impl='xla'))
 
     def _decode_at(self, variables, state: DecodeState, tokens_B: Array, slot: Array,
-                   encoded: Array | None) -> tuple[Array, Any]:
+                   encoded: Array | None) -> tuple[Array, DecodeState]:
         mask = kv_cache.causal_mask(first_slot_B=None, index=slot, q_len=1,
                                     length=state.cache_length)
         logits, new_vars = self._module_for_decoding().apply(
@@ -344,7 +345,8 @@ class EncoderDecoderModel:
             encoder_segment_ids=state.encoder_segments_BxE, enable_dropout=False,
             cache_write=kv_cache.CacheWrite(index=slot, mask_Bx1xQxT=mask),
             method=Transformer.decode, mutable=['cache'])
-        return logits[:, 0], new_vars['cache']
+        cache, cross_cache = kv_cache.split_cross_attention(new_vars['cache'])
+        return logits[:, 0], state.replace(cache=cache, cross_cache=cross_cache)
 
     def decode_prefill(self, params, batch: Mapping[str, Array], *,
                        max_decode_length: int) -> tuple[Array, DecodeState]:
@@ -354,20 +356,19 @@ class EncoderDecoderModel:
         tokens_BxE = batch['encoder_input_tokens']
         encoded = self._module_for_decoding().apply(
             {'params': params}, tokens_BxE, enable_dropout=False, method=Transformer.encode)
-        state = DecodeState(cache=None,
+        state = DecodeState(cache={}, cross_cache={},
                             encoder_segments_BxE=_segments_or_nonpad(None, tokens_BxE),
                             cache_length=max_decode_length)
         start_B = jnp.zeros(tokens_BxE.shape[:1], jnp.int32)
-        logits, cache = self._decode_at({'params': params}, state, start_B, 0, encoded)
-        return logits, state.replace(cache=cache)
+        return self._decode_at({'params': params}, state, start_B, 0, encoded)
 
     def decode_step(self, params, state: DecodeState, tokens_B: Array, position: Array
                     ) -> tuple[Array, DecodeState]:
         """Feeds generated token number `position` (0-based; it sits at decoder slot
         position + 1, after the start token): (next logits_BxV, state)."""
-        logits, cache = self._decode_at({'params': params, 'cache': state.cache}, state,
-                                        tokens_B, position + 1, None)
-        return logits, state.replace(cache=cache)
+        cache = kv_cache.merge(state.cache, state.cross_cache)
+        return self._decode_at({'params': params, 'cache': cache}, state, tokens_B,
+                               position + 1, None)
 
     def loss_and_metrics(
         self, params, batch: Mapping[str, Array], *, dropout_rng: Array | None
