@@ -302,7 +302,7 @@ def run_inference(source: Source, prompts: Sequence[Prompt], *, output: str,
     model, params = source.load()
     log.info("Decoding %d prompts, %d per batch: %s", len(prompts), batch_size, config)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    start, first_batch_s, tokens = time.perf_counter(), None, 0
+    start, first_batch_s, first_tokens, tokens = time.perf_counter(), None, 0, 0
     with open(output, "w", encoding="utf-8") as f:
         for index in range(0, len(prompts), batch_size):
             chunk = list(prompts[index:index + batch_size])
@@ -319,15 +319,21 @@ def run_inference(source: Source, prompts: Sequence[Prompt], *, output: str,
             f.flush()
             tokens += int(lengths_B[:len(chunk)].sum())
             done, elapsed = index + len(chunk), time.perf_counter() - start
-            first_batch_s = elapsed if first_batch_s is None else first_batch_s
+            if first_batch_s is None:
+                first_batch_s, first_tokens = elapsed, tokens
             log.info("%d/%d prompts | %d tokens | %.0f tok/s", done, len(prompts), tokens,
                      tokens / elapsed)
     seconds = time.perf_counter() - start
     summary = {"prompts": len(prompts), "tokens": tokens, "seconds": seconds,
-               "tokens_per_second": tokens / seconds, "first_batch_seconds": first_batch_s}
-    log.info("Wrote %d predictions to %s: %d tokens in %.1f s, %.0f tok/s (the first batch, "
-             "with compilation, took %.1f s)", len(prompts), output, tokens, seconds,
-             summary["tokens_per_second"], first_batch_s)
+               "tokens_per_second": tokens / seconds, "first_batch_seconds": first_batch_s,
+               "tokens_per_second_after_first_batch": (
+                   (tokens - first_tokens) / (seconds - first_batch_s)
+                   if len(prompts) > batch_size else None)}
+    after = summary["tokens_per_second_after_first_batch"]
+    log.info("Wrote %d predictions to %s: %d tokens in %.1f s, %.0f tok/s with compilation "
+             "(the first batch took %.1f s)%s", len(prompts), output, tokens, seconds,
+             summary["tokens_per_second"], first_batch_s,
+             "" if after is None else f", {after:.0f} tok/s after it")
     return summary
 
 
