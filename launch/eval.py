@@ -3,7 +3,7 @@
 
 Use the gin files the run was trained with. Each checkpoint's parameters are scored
 on the validation split (teacher-forced loss, accuracy, perplexity per task, and each
-task's seqio metric_fns on predictions); scores go to TensorBoard and to
+task's seqio metric_fns on its greedy decoding); scores go to TensorBoard and to
 MODEL_DIR/eval/checkpoint_<step>.json. Steps already evaluated with the same
 settings are skipped. `--watch` keeps evaluating new checkpoints while a training
 job writes them, until the run's last step (%TRAIN_STEPS) or `--timeout`. Everything

@@ -8,7 +8,7 @@ each checkpoint it restores the parameters only, then reports per task:
   * for tasks that define seqio `metric_fns`, those metrics on the model's
     predictions decoded with the task's vocabulary and postprocessed
     (data/task_eval.py), keyed '<predictor>/<metric>', e.g.
-    'teacher_forced_argmax/exact_match' (predictions.py says what a predictor is).
+    'greedy/exact_match' (predictions.py says what a predictor is).
 Scores go to TensorBoard (MODEL_DIR/eval/<task>) and to one JSON file per step,
 MODEL_DIR/eval/checkpoint_<step>.json (with a few decoded predictions next to their
 targets), written whole or not at all. Those files are
@@ -166,7 +166,8 @@ class StepEvaluator:
         bound = dict(model=run.model, partitioner=partitioner,
                      param_shardings=layout.shardings.params)
         scorer = self._scorer
-        self._predict = predictor.bind(**bound) if scorer and scorer.needs_predictions else None
+        self._predict = (predictor.bind(**bound, max_decode_length=scorer.max_target_length)
+                         if scorer and scorer.needs_predictions else None)
         self._score = (predictions.log_likelihood_fn(**bound)
                        if scorer and scorer.needs_scores else None)
         self._predictor_name = predictor.name
@@ -212,7 +213,7 @@ def evaluate_checkpoints(*, run: Any, model_dir: str, checkpoint: str | int = "l
                          watch: bool = False, timeout_s: float = 3600.0,
                          poll_s: float = 10.0, final_step: int | None = None,
                          eval_batches: int = 10, split: str = "validation",
-                         predictor: predictions.Predictor = predictions.TeacherForcedArgmax(),
+                         predictor: predictions.Predictor = predictions.Decoded(),
                          num_examples: int | None = None
                          ) -> dict[int, dict[str, dict[str, float]]]:
     """Evaluates checkpoints of the run in `model_dir`; returns {step: {task: scores}}
@@ -226,7 +227,8 @@ def evaluate_checkpoints(*, run: Any, model_dir: str, checkpoint: str | int = "l
         is evaluated or none has appeared for `timeout_s` seconds.
       final_step: the run's last step (gin: %TRAIN_STEPS).
       eval_batches: teacher-forced metrics over this many batches per task.
-      predictor: what the seqio metric_fns score (predictions.py).
+      predictor: what the seqio metric_fns score (predictions.py): by default the
+        model's greedy decoding, at most the task's target length.
       num_examples: score metric_fns on the first N examples of each task (all
         when None).
     """
@@ -235,7 +237,7 @@ def evaluate_checkpoints(*, run: Any, model_dir: str, checkpoint: str | int = "l
     _check_request(directory, mode, watch)
     records = EvalRecords(os.path.join(model_dir, "eval"), settings={
         "split": split, "eval_batches": eval_batches, "batch_size": run.batch_size,
-        "predictor": predictor.name, "num_examples": num_examples})
+        "predictor": predictor.settings, "num_examples": num_examples})
     evaluator = StepEvaluator(run=run, records=records, eval_batches=eval_batches,
                               split=split, predictor=predictor, num_examples=num_examples)
     results: dict[int, dict[str, dict[str, float]]] = {}

@@ -57,7 +57,7 @@ def test_step_all_and_latest_evaluate_each_checkpoint_once(tmp_path, eval_run):
                 values[step], rel=1e-6), name
     assert record(model_dir, 4)["settings"] == {
         "split": "validation", "eval_batches": 2, "batch_size": 8,
-        "predictor": "teacher_forced_argmax", "num_examples": None}
+        "predictor": {"name": "greedy", "seed": 0, "config": None}, "num_examples": None}
 
 
 def test_records_remember_steps_per_settings(tmp_path):

@@ -79,6 +79,8 @@ class PredictionMetrics:
             eval_split=split, sequence_length=dict(task_feature_lengths),
             num_examples=num_examples, shuffle=False, use_memory_cache=True,
             async_compute_metrics=False)
+        # Predictions need be no longer than the targets the metrics compare them to.
+        self.max_target_length = int(task_feature_lengths["targets"])
         self.task_names = [task.name for task in self._evaluator.eval_tasks]
         self.needs_scores = any(task.score_metric_fns for task in self._evaluator.eval_tasks)
         self.needs_predictions = any(task.predict_metric_fns
