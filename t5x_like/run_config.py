@@ -48,6 +48,8 @@ class RunConfig:
         if self.batch_size % self.num_microbatches:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by "
                              f"num_microbatches={self.num_microbatches}.")
+        if self.train_data is not None:
+            check_vocabulary(self.model, self.train_data)
 
     def feature_lengths(self) -> dict[str, int]:
         """The batch's features and their lengths, as the data source yields them."""
@@ -75,6 +77,21 @@ class RunConfig:
             batch_feature_names=tuple(feature_lengths))
 
 
+def check_vocabulary(model: trainer.Model, train_data: DataSource) -> None:
+    """The model's vocabulary must cover the data's ids, sentinels included, as T5X
+    checks model against task vocabulary. Otherwise an id past the embedding table
+    reads NaN (JAX fills out-of-range gathers) and the run halts on a NaN loss with
+    advice about the learning rate. Checked here, before any model init."""
+    needed = train_data.vocabulary_size()
+    if model.vocab_size < needed:
+        config = getattr(model, "config", None)
+        setting = f"{type(config).__name__}.vocab_size" if config is not None else "vocab_size"
+        raise ValueError(
+            f"the model's vocab_size {model.vocab_size} does not cover the data's vocabulary "
+            f"of {needed} ids (sentinel/extra ids included); set {setting} >= {needed} "
+            "(T5 rounds it up to a multiple of 128, e.g. 32100 -> 32128).")
+
+
 def from_gin(**overrides: Any) -> RunConfig:
     """The RunConfig of the parsed gin config; `overrides` replace bound fields.
 
@@ -91,3 +108,7 @@ def from_gin(**overrides: Any) -> RunConfig:
         raise ValueError(f"The gin config does not describe a whole run ({e}); a model "
                          "comes from configs/models/*.gin, the rest from "
                          "configs/runs/pretrain.gin.") from e
+    except ValueError as e:
+        # gin appends "In call to configurable ..." lines to an error raised inside a
+        # configurable; the checks' own message is the one line the launcher prints.
+        raise ValueError(str(e).split("\n  In call to configurable")[0]) from e

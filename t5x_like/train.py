@@ -38,6 +38,12 @@ class DataSource(Protocol):
 
     def model_feature_lengths(self) -> Mapping[str, int]: ...
 
+    def stream_identity(self) -> Mapping[str, Any]:
+        """JSON-able settings that define the stream of batches (seed included)."""
+
+    def vocabulary_size(self) -> int:
+        """Token ids the data can contain (all features' vocabularies, sentinels too)."""
+
     def iterator(self, *, per_host_batch_size: int, shard_index: int, num_shards: int,
                  start_step: int, position: bytes | None = None
                  ) -> host_batches.ShardIterator: ...
@@ -74,6 +80,9 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
       init_from: for a new run, take parameters from another run's checkpoint.
       on_nonfinite_loss: a step with a NaN/Inf loss or gradient is never applied;
         'halt' then stops with an error naming the step, 'skip_update' goes on.
+      log_every_steps: the progress line and TensorBoard show, every this many steps
+        (and at the last), the metrics averaged over the steps since the previous
+        multiple (metrics.IntervalMeans: loss and accuracy weighted by target tokens).
       eval_every_steps / eval_batches: every N steps (and at the last), loss,
         accuracy and perplexity on the first `eval_batches` batches of each task's
         validation split (see evaluation.py); 0 turns eval off.
@@ -138,9 +147,10 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
     shards = host_batches.owned_shards(num_data_shards=num_data_shards,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count())
+    data_stream = dict(train_data.stream_identity())
     positions = None if saved_data is None else _saved_shard_positions(
         checkpointer, saved_data, step=start_step, shards=shards, batch_size=batch_size,
-        seed=seed, num_data_shards=num_data_shards)
+        data_stream=data_stream, num_data_shards=num_data_shards)
     batches = host_batches.HostBatches(
         train_data, global_batch_size=batch_size, num_data_shards=num_data_shards,
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -152,9 +162,13 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
         if is_lead_host else None
     progress = metrics_lib.Progress(total_steps=train_steps, start_step=start_step)
     guard = _NonFiniteGuard(policy=on_nonfinite_loss, checkpointer=checkpointer)
+    # Logged values average the steps since the last multiple of log_every_steps; an
+    # unfinished interval's sums go into each checkpoint, so resuming never splits one.
+    interval = metrics_lib.IntervalMeans(
+        sums=None if saved_data is None else saved_data.get(_INTERVAL_SUMS))
     watcher = preemption.PreemptionWatcher()
-    data_position = {"step": start_step, "global_batch_size": batch_size, "seed": seed,
-                     "num_data_shards": num_data_shards}
+    data_position = {"step": start_step, "global_batch_size": batch_size,
+                     "data_stream": data_stream, "num_data_shards": num_data_shards}
     losses: dict[int, float] = {}
     step, preempted = start_step, False
     try:
@@ -163,13 +177,16 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
             progress.add_tokens(model.count_real_tokens(local_batch) * jax.process_count())
             state, step_metrics = train_step(
                 state, partitioning.host_local_to_global(local_batch, partitioner))
+            interval.add(step_metrics)              # on device: the host does not wait
             step += 1
             guard.observe(step, step_metrics)      # checks the previous step: no stall
             data_position = {**data_position, "step": step}
             preempted = watcher.should_stop(step)
             is_last = step == train_steps
             if is_last or step % log_every_steps == 0:
-                host_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                host_metrics = interval.means()
+                if step % log_every_steps == 0:     # a last-step log leaves it open
+                    interval.reset()
                 losses[step] = host_metrics["loss"]
                 rates = progress.tick(step)
                 log.info(progress.line(step, host_metrics, rates))
@@ -177,7 +194,9 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
                     writer.write_scalars(step, {**host_metrics, **rates})
             if is_last or preempted or step % checkpoint_every_steps == 0:
                 guard.flush()                      # never save past an unchecked step
-                checkpointer.save(step, state, data_position=data_position,
+                checkpointer.save(step, state,
+                                  data_position={**data_position,
+                                                 _INTERVAL_SUMS: interval.sums()},
                                   shard_positions=batches.positions(),
                                   num_data_shards=num_data_shards)
             if evaluator and not preempted and (is_last or step % eval_every_steps == 0):
@@ -197,6 +216,10 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
     log.info("Stopped at step %d; checkpoints in %s", step, checkpointer.directory)
     return TrainResult(start_step=start_step, final_step=step, losses=losses,
                        final_state=state, preempted=preempted)
+
+
+# Where a checkpoint keeps the sums of a log interval that it cuts in two.
+_INTERVAL_SUMS = "log_interval_sums"
 
 
 class _NonFiniteGuard:
@@ -238,20 +261,34 @@ class _NonFiniteGuard:
             "train.on_nonfinite_loss='skip_update').")
 
 
-def _check_data_position(data_position: Mapping[str, Any], *, batch_size: int, seed: int,
-                         num_data_shards: int) -> bool:
-    """Whether the checkpoint's data settings are this run's (warns if not)."""
-    now = {"global_batch_size": batch_size, "seed": seed, "num_data_shards": num_data_shards}
+def _check_data_position(data_position: Mapping[str, Any], *, batch_size: int,
+                         data_stream: Mapping[str, Any], num_data_shards: int) -> bool:
+    """Whether the checkpoint's data settings are this run's (warns if not).
+
+    `data_stream` is the data source's `stream_identity()` (its seed, task, lengths,
+    ...), which is what seeds and shapes the stream; the run's init seed is not part
+    of it. A checkpoint from before it was recorded is compared on the rest.
+    """
+    now = {"global_batch_size": batch_size, "num_data_shards": num_data_shards,
+           "data_stream": dict(data_stream)}
+    if "data_stream" not in data_position:
+        now.pop("data_stream")
     saved = {k: data_position.get(k) for k in now}
     if saved != now:
-        log.warning("Checkpoint's data settings %s differ from this run's %s: the data "
-                    "stream after resuming differs from the original run's.", saved, now)
+        changed = {k: (saved[k], now[k]) for k in now if saved[k] != now[k]}
+        if "data_stream" in changed:
+            before, after = changed.pop("data_stream")
+            changed.update({f"data_stream.{k}": (before.get(k), after.get(k))
+                            for k in set(before) | set(after) if before.get(k) != after.get(k)})
+        log.warning("Checkpoint's data settings differ from this run's (%s): the data "
+                    "stream after resuming differs from the original run's.",
+                    ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items())))
     return saved == now
 
 
 def _saved_shard_positions(checkpointer: checkpoints.Checkpointer,
                            data_position: Mapping[str, Any], *, step: int,
-                           shards: range, batch_size: int, seed: int,
+                           shards: range, batch_size: int, data_stream: Mapping[str, Any],
                            num_data_shards: int) -> dict[int, bytes] | None:
     """The saved positions of this process's shards, when they apply to this run.
 
@@ -259,8 +296,8 @@ def _saved_shard_positions(checkpointer: checkpoints.Checkpointer,
     settings) each shard replays `step` batches: exact, but its cost grows with the
     step.
     """
-    if not _check_data_position(data_position, batch_size=batch_size, seed=seed,
-                                num_data_shards=num_data_shards):
+    if not _check_data_position(data_position, batch_size=batch_size,
+                                data_stream=data_stream, num_data_shards=num_data_shards):
         return None
     positions = checkpointer.read_shard_positions(step, shards=shards,
                                                   num_data_shards=num_data_shards)

@@ -43,6 +43,13 @@ class StepIterator:
 class _StepSource:
     """`iterator` for sources whose `batch(step=, shard_index=, batch_size=)` is pure."""
 
+    def stream_identity(self) -> dict:
+        """The source's kind and settings: they define its batches."""
+        return {"source": type(self).__name__, **dataclasses.asdict(self)}
+
+    def vocabulary_size(self) -> int:
+        return self.vocab_size
+
     def iterator(self, *, per_host_batch_size: int, shard_index: int, num_shards: int,
                  start_step: int, position: bytes | None = None) -> StepIterator:
         del num_shards  # every shard draws from its own stream
