@@ -19,7 +19,7 @@ import data.tasks  # noqa: F401 - registers pydocs_section_titles
 import seqio
 from t5x_like import decoding, optimizers, partitioning, predictions, trainer
 from t5x_like.data import pipeline, text_metrics
-from t5x_like.models import t5
+from t5x_like.models import decoder, t5
 
 LENGTHS = {"inputs": 64, "targets": 16}
 NUM_EXAMPLES = 12            # a full batch of 8 and a padded one of 4
@@ -104,6 +104,46 @@ def test_metric_fns_score_decoded_predictions_as_recomputed_by_hand():
     expected = {**text_metrics.exact_match(targets, post), **text_metrics.rouge_l(targets, post)}
     assert scores["pydocs_section_titles"] == pytest.approx(expected)
     assert scores["pydocs_section_titles"]["rouge_l"] > 0
+
+
+def test_a_prefix_lm_is_scored_on_its_decoded_continuation_of_the_prompt():
+    """The decoder-only family: seqio's prefix-LM batches (inputs ++ targets, with
+    decoder_causal_attention on the prompt) decode from the prompt only; the scorer's
+    predictions equal predict_batch on prompt-only batches built here."""
+    model = decoder.DecoderOnlyModel(config=decoder.DecoderConfig(
+        vocab_size=8192, emb_dim=32, num_heads=3, num_kv_heads=1, head_dim=16, mlp_dim=64,
+        num_layers=2))                     # 2: the prompt's attention changes its keys
+    partitioner = partitioning.Partitioner()
+    source = pipeline.SeqioDataSource(mixture_or_task_name="pydocs_section_titles",
+                                      task_feature_lengths=LENGTHS,
+                                      feature_converter="prefix_lm")
+    scorer = source.prediction_metrics(split="validation", num_examples=8)
+    params = jax.jit(lambda r: nn.unbox(model.init_params(r, batch_size=1,
+                                                          decoder_length=80)))(jax.random.key(1))
+    shardings = jax.tree.map(lambda _: partitioner.sharding(()), params)
+    predict = predictions.Decoded().bind(model=model, partitioner=partitioner,
+                                         param_shardings=shardings,
+                                         max_decode_length=scorer.max_target_length)
+    _, examples = scorer.evaluate(predict=lambda batch: predict(params, batch), score=None,
+                                  batch_size=8)
+    scorer.close()
+
+    task = seqio.get_mixture_or_task("pydocs_section_titles")
+    raw = list(task.get_dataset(LENGTHS, split="validation", shuffle=False)
+               .take(8).as_numpy_iterator())
+    prompts = np.zeros((8, 1 + LENGTHS["inputs"]), np.int32)    # [0] ++ inputs, then 0s
+    for row, ex in enumerate(raw):
+        prompts[row, 1:1 + len(ex["inputs"])] = ex["inputs"]
+    result = decoding.predict_batch(
+        model, params, {"decoder_input_tokens": prompts,
+                        "decoder_causal_attention": (np.arange(prompts.shape[1])
+                                                     <= (prompts > 0).sum(1)[:, None])},
+        config=decoding.DecodeConfig(max_decode_length=LENGTHS["targets"]))
+    vocabulary = task.output_features["targets"].vocabulary
+    want = [vocabulary.decode(predictions.strip_after_eos(row))
+            for row in np.asarray(result.tokens_BxL)]
+    assert [p for _, p in examples["pydocs_section_titles"]] == want
+    assert any(want)
 
 
 def test_predictions_stop_before_eos():
