@@ -22,6 +22,7 @@ produced identical tokens. Prints a table; writes benchmarks/results/decode.json
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import platform
@@ -56,7 +57,10 @@ def _setup(name: str, args, directory: str):
     vocab = model.config.vocab_size
     if isinstance(model, decoder.DecoderOnlyModel):
         params = _init(model, decoder_length=8)
-        hf_llama.export_checkpoint(params, model.config, directory)
+        # The export names the context length; ours covers prompt + new tokens.
+        hf_llama.export_checkpoint(params, dataclasses.replace(
+            model.config, max_position_embeddings=args.prompt_length + args.new_tokens),
+            directory)
         hf_model = transformers.LlamaForCausalLM.from_pretrained(directory)
         prompts = rng.integers(3, vocab, (args.batch, args.prompt_length)).astype(np.int32)
         batch = {"decoder_input_tokens": prompts,

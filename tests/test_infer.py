@@ -107,7 +107,8 @@ def hf_dir(tmp_path_factory):
   from t5x_like.hf import llama
   from t5x_like.models import decoder
   config = decoder.DecoderConfig(vocab_size=8192, emb_dim=32, num_heads=4, num_kv_heads=2,
-                                 head_dim=8, mlp_dim=64, num_layers=2)
+                                 head_dim=8, mlp_dim=64, num_layers=2,
+                                 max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
   params = nn.unbox(decoder.DecoderOnlyModel(config=config).init_params(
       jax.random.key(3), batch_size=1, decoder_length=4))
   path = str(tmp_path_factory.mktemp("hf_llama_tok"))
