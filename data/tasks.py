@@ -12,6 +12,9 @@ splits 'train' and 'validation':
                           over the same vocabulary, so the mixture works with the
                           'enc_dec' converter (T5's two pretraining objectives) and
                           with 'prefix_lm' (UL2-style, for a decoder-only model).
+  pydocs_section_titles   fine-tuning: a paragraph of the reference manual ('inputs')
+                          -> the title of its section ('targets'); scored with exact
+                          match and ROUGE-L (data/section_titles/SOURCE.md).
 
 The tasks are built with `t5x_like.data.user_tasks`, the same calls users make for
 their own data. Paths are derived from this file, so they work from any working directory;
@@ -24,7 +27,7 @@ import pathlib
 
 import seqio
 
-from t5x_like.data import user_tasks, vocabularies
+from t5x_like.data import text_to_text, user_tasks, vocabularies
 
 DATA_DIR = pathlib.Path(__file__).resolve().parent
 VOCAB_PATH = DATA_DIR / "vocab" / "pydocs_8k.model"
@@ -32,16 +35,21 @@ SPLIT_FILES = {
     "train": DATA_DIR / "corpus" / "pydocs_train.txt",
     "validation": DATA_DIR / "corpus" / "pydocs_validation.txt",
 }
+SECTION_TITLES_FILES = {
+    "train": DATA_DIR / "section_titles" / "train.tsv",
+    "validation": DATA_DIR / "section_titles" / "validation.tsv",
+}
 EXTRA_IDS = 100  # sentinels for span corruption, at the top of the id range
 MIXTURE_RATES = {"pydocs_span_corruption": 3.0, "pydocs_prefix_lm": 1.0}
 
 
 def _check_files() -> None:
-    for path in (VOCAB_PATH, *SPLIT_FILES.values()):
+    for path in (VOCAB_PATH, *SPLIT_FILES.values(), *SECTION_TITLES_FILES.values()):
         if not path.exists():
             raise FileNotFoundError(
                 f"bundled data file is missing: {path}. Rebuild it from the repository "
-                "root with `python -m data.build_corpus`.")
+                "root with `python -m data.build_corpus` (section titles: "
+                "`python -m data.build_section_titles`).")
 
 
 def pydocs_vocabulary() -> seqio.SentencePieceVocabulary:
@@ -61,6 +69,10 @@ def register() -> None:
         user_tasks.register_text_task(name=name, patterns=patterns, objective=objective,
                                       vocabulary=vocab, cache_tokenized_in_memory=True)
     user_tasks.register_mixture(name="pydocs_mixture", rates=MIXTURE_RATES)
+    text_to_text.register_tsv_task(
+        name="pydocs_section_titles", vocabulary=vocab,
+        patterns={split: str(path) for split, path in SECTION_TITLES_FILES.items()},
+        metric_fns=("exact_match", "rouge_l"))
 
 
 register()

@@ -265,6 +265,50 @@ def _check_tree_matches(saved: Mapping[str, Any], abstract_state: Any, *, what: 
             + ". Use a new MODEL_DIR, or start from it with `init_from` (parameters only).")
 
 
+# ---------------------------------------------------------------------- reading only
+
+class CheckpointReader:
+    """A read-only view of a run's checkpoints, for evaluating them (launch.eval).
+
+    It never creates, deletes or moves anything, so it can watch the directory of a
+    training job that is writing to it: `steps()` lists what the job has committed
+    so far (Orbax renames a step into place only once it is complete).
+    """
+
+    def __init__(self, directory: str):
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"no checkpoint directory {directory}")
+        self.directory = directory
+        self._manager = ocp.CheckpointManager(
+            directory, options=ocp.CheckpointManagerOptions(read_only=True),
+            item_handlers=_item_handlers(ocp.PyTreeCheckpointHandler()))
+
+    def steps(self) -> list[int]:
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def restore_params(self, step: int, *, abstract_params: Any) -> Any:
+        """The parameters at `step`, each read straight into the sharding its
+        `abstract_params` leaf carries; the optimizer state is not read."""
+        saved = {k[len("params/"):]: v for k, v in self._state_metadata(step).items()
+                 if k.startswith("params/")}
+        _check_tree_matches(saved, abstract_params,
+                            what=f"the parameters of checkpoint step {step} in {self.directory}")
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(
+            sharding=a.sharding, dtype=a.dtype, global_shape=a.shape), abstract_params)
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item={"params": abstract_params},
+                                         restore_args={"params": restore_args},
+                                         partial_restore=True)))
+        return restored.state["params"]
+
+    def _state_metadata(self, step: int) -> dict[str, Any]:
+        return flatten_with_paths(self._manager.item_metadata(step)["state"])
+
+    def close(self) -> None:
+        self._manager.close()
+
+
 # ---------------------------------------------------------------------- init from
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -272,7 +316,8 @@ class InitFrom:
     """Start a new run from another run's parameters (the optimizer starts fresh).
 
     Attributes:
-      directory: the other run's checkpoints directory (MODEL_DIR/checkpoints).
+      directory: the other run's checkpoints directory (MODEL_DIR/checkpoints), or
+        a Hugging Face model directory (config.json + *.safetensors; T5 or Llama).
       step: which step; the latest when None.
       rename: (regex, replacement) pairs applied in order to *this* model's
         parameter paths (e.g. 'encoder/layers_0/mlp/wi_0/kernel') to find the name
@@ -300,8 +345,12 @@ def restore_params_from(init_from: InitFrom, *, abstract_params: Any, fresh_para
     """Returns `fresh_params` with every parameter found in the checkpoint replaced.
 
     Only the selected arrays are read (Orbax partial restore), each directly into
-    the shard layout of `abstract_params`.
+    the shard layout of `abstract_params`. A Hugging Face directory (config.json +
+    safetensors) is read by t5x_like/hf/init_from.py instead.
     """
+    from t5x_like.hf import init_from as hf_init_from   # hf imports this module
+    if hf_init_from.is_hugging_face_dir(init_from.directory):
+        return hf_init_from.restore_params(init_from, abstract_params=abstract_params)
     manager = ocp.CheckpointManager(
         init_from.directory, options=ocp.CheckpointManagerOptions(read_only=True),
         item_handlers=_item_handlers(ocp.PyTreeCheckpointHandler()))

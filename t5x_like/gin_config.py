@@ -16,6 +16,10 @@ from collections.abc import Sequence
 import gin
 
 _REQUIRED_RE = re.compile(r"(\S+)/macro\.value set to `%gin\.REQUIRED`")
+_UNRESOLVED_RE = re.compile(r"Couldn't resolve selector (\S+); <module '([^']+)'")
+_LOCATION_RE = re.compile(r'In file "([^"]+)", line (\d+)')
+# What gin appends to an exception raised inside a configurable it called.
+_CALL_CONTEXT_RE = re.compile(r"\n  In call to configurable .*")
 # The folder holding the shipped `configs/` (package data; a link in a checkout), so
 # `configs/...` files and includes resolve from any directory in an installed copy.
 SHIPPED_CONFIGS_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -52,7 +56,7 @@ def parse(*, gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
     try:
         gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings),
                                             finalize_config=True)
-    except (ValueError, IOError, SyntaxError, ImportError) as e:
+    except (ValueError, IOError, SyntaxError, ImportError, AttributeError) as e:
         raise GinConfigError(_explain(e)) from e
 
 
@@ -63,6 +67,12 @@ def _explain(error: Exception) -> str:
         name = required.group(1)
         return (f"Gin macro {name} is %gin.REQUIRED but was not set. Set it in a gin file "
                 f"or on the command line, e.g. --gin.{name}=...")
+    unresolved = _UNRESOLVED_RE.search(message)
+    if unresolved:
+        where = _LOCATION_RE.search(message)
+        at = f" ({where.group(1)}, line {where.group(2)})" if where else ""
+        return (f"Unknown gin reference @{unresolved.group(1)}: module {unresolved.group(2)} "
+                f"has no such function or class{at} — check the name")
     if "No module named 'data'" in message:
         return (f"Invalid gin configuration: {message.strip()}\nA gin file imports "
                 "`data.tasks` (the bundled pydocs tasks), which lives in the repository's "
@@ -72,6 +82,12 @@ def _explain(error: Exception) -> str:
         return (f"Unknown gin binding: {message.strip()}\nCheck the spelling against the "
                 "function or class signature (and the module import in the gin file).")
     return f"Invalid gin configuration: {message.strip()}"
+
+
+def without_call_context(message: str) -> str:
+    """An error message without the lines gin adds naming the configurable that raised
+    it (the message itself says what went wrong)."""
+    return _CALL_CONTEXT_RE.sub("", message)
 
 
 def reset() -> None:

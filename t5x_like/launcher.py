@@ -113,7 +113,7 @@ def exit_with_error(error: BaseException, verbosity: int) -> None:
     if verbosity:
         import traceback
         traceback.print_exception(error)
-    sys.exit(f"error: {error}")
+    sys.exit(f"error: {gin_config.without_call_context(str(error))}")
 
 
 # --------------------------------------------------------------------------- processes

@@ -20,8 +20,8 @@ from typing import Any, Literal, Protocol
 import gin
 import jax
 
-from t5x_like import (checkpoints, device_peaks, metrics as metrics_lib, param_table,
-                      partitioning, preemption, trainer)
+from t5x_like import (checkpoints, device_peaks, evaluation, metrics as metrics_lib,
+                      param_table, partitioning, preemption, trainer)
 from t5x_like.data import host_batches
 from t5x_like.run_config import RunConfig
 
@@ -64,7 +64,7 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
           keep_checkpoint_period: int | None = None, async_checkpointing: bool = True,
           init_from: checkpoints.InitFrom | None = None,
           on_nonfinite_loss: Literal["halt", "skip_update"] = "halt",
-          log_every_steps: int = 10,
+          log_every_steps: int = 10, eval_every_steps: int = 0, eval_batches: int = 10,
           peak_flops_per_device: float | None = None) -> TrainResult:
     """Trains `run.model` on `run.train_data` until `train_steps`, resuming if possible.
 
@@ -83,6 +83,9 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
       log_every_steps: the progress line and TensorBoard show, every this many steps
         (and at the last), the metrics averaged over the steps since the previous
         multiple (metrics.IntervalMeans: loss and accuracy weighted by target tokens).
+      eval_every_steps / eval_batches: every N steps (and at the last), loss,
+        accuracy and perplexity on the first `eval_batches` batches of each task's
+        validation split (see evaluation.py); 0 turns eval off.
       peak_flops_per_device: the FLOP/s that MFU is measured against; default: the
         device's dense bf16 peak from device_peaks.py (none on CPU: no MFU shown).
     """
@@ -112,6 +115,12 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
             f.write(param_table.parameter_table(layout.abstract.params,
                                                 layout.logical_specs.params,
                                                 layout.shardings.params) + "\n")
+
+    # ----------------------------------------------------------- eval data (before any FLOP)
+    evaluator = evaluation.evaluator_for_run(
+        run=run, partitioner=partitioner, param_shardings=layout.shardings.params,
+        num_batches=eval_batches, logdir=os.path.join(model_dir, "eval")
+    ) if eval_every_steps else None
 
     # ----------------------------------------------------------- restore or init
     checkpointer = checkpoints.Checkpointer(
@@ -197,6 +206,8 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
                                                  _INTERVAL_SUMS: interval.sums()},
                                   shard_positions=batches.positions(),
                                   num_data_shards=num_data_shards)
+            if evaluator and not preempted and (is_last or step % eval_every_steps == 0):
+                evaluator.evaluate(step, state.params)
             if preempted:
                 log.warning("Preempted (SIGTERM): saved step %d; exiting cleanly. Rerun "
                             "the same command to resume.", step)
@@ -207,6 +218,8 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
         checkpointer.close()          # waits for any in-flight async save
         if writer:
             writer.close()
+        if evaluator:
+            evaluator.close()
     log.info("Stopped at step %d; checkpoints in %s", step, checkpointer.directory)
     return TrainResult(start_step=start_step, final_step=step, losses=losses,
                        final_state=state, preempted=preempted)

@@ -21,3 +21,11 @@ def straight_run(tmp_path_factory):
     model_dir = str(tmp_path_factory.mktemp("straight"))
     run_train(model_dir, "--gin.TRAIN_STEPS=6")
     return model_dir
+
+
+@pytest.fixture(scope="session")
+def eval_run(tmp_path_factory):
+    """straight_run's 6 steps with in-loop eval on: (model_dir, log)."""
+    from launch_helpers import EVAL_ON, run_train
+    model_dir = str(tmp_path_factory.mktemp("eval_on"))
+    return model_dir, run_train(model_dir, "--gin.TRAIN_STEPS=6", *EVAL_ON)

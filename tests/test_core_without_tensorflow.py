@@ -17,9 +17,11 @@ class NoTensorFlow(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, NoTensorFlow())
 import jax
 from t5x_like import checkpoints, gin_config, metrics, optimizers, param_table, partitioning
-from t5x_like import aot, launcher, run_config, train, trainer
-from t5x_like.data import converters, host_batches, synthetic
-from t5x_like.models import decoder, layers, losses, t5, t5_layers
+from t5x_like import aot, beam_search, decoding, inference, launcher, run_config, train, trainer
+from t5x_like import checkpoint_eval, evaluation, predictions
+from t5x_like.data import converters, host_batches, synthetic, text_metrics
+from t5x_like.hf import init_from, tokenizer
+from t5x_like.models import decoder, kv_cache, layers, losses, t5, t5_layers
 
 model = t5.EncoderDecoderModel(config=t5.T5Config(
     vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
@@ -35,6 +37,11 @@ batches = host_batches.HostBatches(source, global_batch_size=4, num_data_shards=
 assert next(batches)["encoder_input_tokens"].shape == (4, 8)
 assert batches.positions() == {0: b'{"step": 4}', 1: b'{"step": 4}'}
 assert converters.model_feature_lengths({"targets": 8}, converter="lm")["decoder_positions"] == 8
+import numpy as np
+params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), layout.abstract.params)
+result = decoding.predict_batch(model, params, {"encoder_input_tokens": np.ones((2, 8), np.int32)},
+                                config=decoding.DecodeConfig(max_decode_length=3, num_beams=2))
+assert result.tokens_BxL.shape == (2, 3)
 leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "seqio"))
 assert not leaked, leaked
 print("OK")

@@ -5,6 +5,8 @@ import re
 import pytest
 
 from launch import compile as compile_launcher
+from launch import eval as eval_launcher
+from launch import infer as infer_launcher
 from launch import train as train_launcher
 
 
@@ -16,7 +18,9 @@ def help_text(parse_flags, capsys):
 
 
 @pytest.mark.parametrize("parse_flags", [train_launcher.parse_flags,
-                                         compile_launcher.parse_flags])
+                                         compile_launcher.parse_flags,
+                                         eval_launcher.parse_flags,
+                                         infer_launcher.parse_flags])
 def test_help_lists_every_flag_with_a_meaning(parse_flags, capsys):
     lines = help_text(parse_flags, capsys).splitlines()
     flags = [i for i, line in enumerate(lines) if re.match(r"  --\w", line)]  # not wrapped text

@@ -8,6 +8,7 @@ modules that need them, so this package imports nothing by itself:
     host_batches   this process's rows of every global batch, from fixed data shards,
                    and their saved positions
     synthetic      random batches with the real feature layout (benchmarks, tests)
+    text_metrics   exact match and ROUGE-L on decoded text (seqio metric_fns), by name
   TensorFlow / seqio:
     pipeline       SeqioDataSource: a task or mixture as per-shard iterators whose
                    position is saved in the checkpoint (constant-time resume)
@@ -15,6 +16,8 @@ modules that need them, so this package imports nothing by itself:
     sources        text / JSONL / TFRecord / TFDS sources with counted bad-record skips
     vocabularies   the bundled SentencePiece model, any other, or bytes
     user_tasks     register a task for your own data in one call (Python or gin)
+    text_to_text   register a supervised (fine-tuning) task with its metrics
+    task_eval      a task's metric_fns on model predictions, through seqio's evaluator
 
 The bundled pydocs tasks are registered by the repository's `data/tasks.py`
 (`import data.tasks` in a gin file); the bundled vocabulary ships in `vocab/`.

@@ -267,6 +267,35 @@ class SeqioDataSource:
                              f"{self.feature_converter!r} does not use; give only "
                              f"{list(consumed)}")
 
+    def eval_sources(self, *, split: str = "validation") -> dict[str, SeqioDataSource]:
+        """{task: an unshuffled source of its `split`}, for every task of this source
+        (each member of a mixture), with this source's lengths, converter, packing
+        and seed: the data that in-loop eval and launch.eval score. Tasks without
+        the split are left out, with a warning."""
+        sources = {}
+        for task in _tasks_of(_lookup(self.mixture_or_task_name)):
+            if task.source.splits and split not in task.source.splits:
+                log.warning("task %r has no %r split (it has %s): not evaluated.",
+                            task.name, split, list(task.source.splits))
+                continue
+            sources[task.name] = dataclasses.replace(
+                self, mixture_or_task_name=task.name, split=split, shuffle=False)
+        return sources
+
+    def prediction_metrics(self, *, split: str = "validation",
+                           num_examples: int | None = None):
+        """The seqio `metric_fns` of this source's tasks on model predictions
+        (`task_eval.PredictionMetrics`), or None when no task defines any."""
+        if not any(task.metric_fns and (not task.source.splits or split in task.source.splits)
+                   for task in _tasks_of(_lookup(self.mixture_or_task_name))):
+            return None
+        from t5x_like.data import task_eval
+        return task_eval.PredictionMetrics(
+            mixture_or_task_name=self.mixture_or_task_name,
+            task_feature_lengths=self.task_feature_lengths,
+            feature_converter=self.feature_converter, split=split,
+            num_examples=num_examples)
+
     def _converter(self) -> seqio.FeatureConverter:
         spec = converters.get(self.feature_converter)
         return getattr(seqio, spec.seqio_class)(pack=self.pack, **spec.seqio_kwargs)

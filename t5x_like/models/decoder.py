@@ -27,12 +27,13 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_like.models import attention, flop_count, layers, losses
+from t5x_like.models import attention, flop_count, kv_cache, layers, losses
 
 Array = jax.Array
 
@@ -130,7 +131,8 @@ class GroupedQueryAttention(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, prefix_BxL, *, deterministic: bool):
+    def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, prefix_BxL,
+                 cache_write: kv_cache.CacheWrite | None, *, deterministic: bool):
         cfg = self.config
         dtype = cfg.compute_dtype
         d = x_BxLxD.shape[-1]
@@ -145,13 +147,18 @@ class GroupedQueryAttention(nn.Module):
         q = nn.with_logical_constraint(layers.apply_rope(q, cos, sin), layers.BLHK)
         k = nn.with_logical_constraint(layers.apply_rope(k, cos, sin), BLGK)
         v = nn.with_logical_constraint(v, BLGK)
+        mask = None
+        if cache_write is not None:   # decoding: attend to every cached position
+            k, v = kv_cache.write(self, k, v, cache_write, logical_axes=BLGK)
+            mask = cache_write.mask_Bx1xQxT
         ctx = attention.attend(
             q, k, v,
             implementation=cfg.attention_impl,
             scale=cfg.head_dim**-0.5,
-            causal=True,
+            causal=cache_write is None,
             segment_ids_BxL=segment_ids_BxL,
             prefix_BxL=prefix_BxL,
+            mask_Bx1xQxK=mask,
             dtype=dtype,
         )
         ctx = nn.with_logical_constraint(ctx, layers.BLHK)
@@ -170,14 +177,15 @@ class DecoderBlock(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, prefix_BxL):
+    def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, prefix_BxL, cache_write=None):
         cfg = self.config
         dtype = cfg.compute_dtype
         norm = functools.partial(layers.RMSNorm, dtype=dtype, epsilon=cfg.norm_epsilon)
         drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         h = norm(name='pre_attention_norm')(x_BxLxD)
         h = GroupedQueryAttention(config=cfg, name='attention')(
-            h, cos, sin, segment_ids_BxL, prefix_BxL, deterministic=self.deterministic)
+            h, cos, sin, segment_ids_BxL, prefix_BxL, cache_write,
+            deterministic=self.deterministic)
         x_BxLxD = x_BxLxD + drop(h)
         h = norm(name='pre_mlp_norm')(x_BxLxD)
         # LLaMA drops out on the residual branches only, not inside the MLP.
@@ -189,7 +197,13 @@ class DecoderBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Decoder-only LM: tokens -> float32 logits [B, L, vocab]."""
+    """Decoder-only LM: tokens -> float32 logits [B, L, vocab].
+
+    With `cache_write` (decoding, see kv_cache.py) the tokens are new positions
+    written into the 'cache' collection, attention follows the write's mask (segment
+    ids and prefix are not used), and only the last position's logits [B, 1, vocab]
+    are computed.
+    """
 
     config: DecoderConfig
 
@@ -202,6 +216,7 @@ class Decoder(nn.Module):
         decoder_positions: Array | None = None,
         decoder_causal_attention: Array | None = None,
         enable_dropout: bool = True,
+        cache_write: kv_cache.CacheWrite | None = None,
     ) -> Array:
         cfg = self.config
         dtype = cfg.compute_dtype
@@ -222,8 +237,10 @@ class Decoder(nn.Module):
 
         x = layers.apply_stack(
             DecoderBlock, x, cos, sin, decoder_segment_ids, decoder_causal_attention,
-            num_layers=cfg.num_layers, scan_layers=cfg.scan_layers,
+            cache_write, num_layers=cfg.num_layers, scan_layers=cfg.scan_layers,
             remat_policy=cfg.remat_policy, config=cfg, deterministic=not enable_dropout)
+        if cache_write is not None:
+            x = x[:, -1:]      # the next token's logits are all decoding needs
 
         x = layers.RMSNorm(dtype=dtype, epsilon=cfg.norm_epsilon, name='decoder_norm')(x)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout)
@@ -235,6 +252,51 @@ class Decoder(nn.Module):
                 kernel_init=layers.truncated_normal_init(cfg.emb_dim**-0.5),
                 dtype=dtype, out_dtype=jnp.float32, name='logits_dense')(x)
         return nn.with_logical_constraint(logits.astype(jnp.float32), layers.BLV)
+
+
+# ----------------------------------------------------------------------------
+# Decoding with a KV cache
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """The decoder-only model's state between decoding steps (see decoding.py).
+
+    Prompts are left-aligned: row b's prompt fills slots first_slot_B[b] ..
+    prompt_width - 1, and every row writes generated token t at slot prompt_width + t.
+    """
+
+    cache: Any               # per layer: cached_key/value [B, (layers,) T, kv_heads, kv]
+    # Left padding of each row = its first real slot.
+    first_slot_B: Array = kv_cache.same_for_every_beam()
+    prompt_width: int = flax.struct.field(pytree_node=False, default=0)
+    cache_length: int = flax.struct.field(pytree_node=False, default=0)
+
+
+def left_aligned_prompts(batch: Mapping[str, Array]) -> tuple[Array, Array, bool]:
+    """(tokens_BxP right-aligned at slot P - 1, first_slot_B, bidirectional).
+
+    The batch holds each prompt at the start of `decoder_input_tokens` (seqio's
+    layout) and says how long it is with either `decoder_causal_attention` (a
+    prefix-LM batch: 1 on the prompt, which then attends to itself bidirectionally,
+    as in training) or `decoder_prompt_lengths` [B] (a causal prompt).
+    """
+    tokens_BxP = batch['decoder_input_tokens']
+    if 'decoder_causal_attention' in batch:
+        lengths_B = jnp.sum(batch['decoder_causal_attention'] > 0, axis=1)
+        bidirectional = True
+    elif 'decoder_prompt_lengths' in batch:
+        lengths_B = batch['decoder_prompt_lengths']
+        bidirectional = False
+    else:
+        raise ValueError('A decoder-only batch to decode needs decoder_causal_attention '
+                         '(prefix LM) or decoder_prompt_lengths (causal LM) to mark the '
+                         'prompt in decoder_input_tokens.')
+    width = tokens_BxP.shape[1]
+    first_slot_B = (width - lengths_B).astype(jnp.int32)
+    source_BxP = jnp.arange(width, dtype=jnp.int32)[None, :] - first_slot_B[:, None]
+    shifted = jnp.take_along_axis(tokens_BxP, source_BxP % width, axis=1)
+    return jnp.where(source_BxP >= 0, shifted, 0), first_slot_B, bidirectional
 
 
 # ----------------------------------------------------------------------------
@@ -293,6 +355,50 @@ class DecoderOnlyModel:
             enable_dropout=dropout_rng is not None,
             rngs=rngs,
         )
+
+    # ------------------------------------------------------------ decoding (decoding.py)
+
+    def _decoder_for_decoding(self) -> Decoder:
+        # Rematerialisation only matters for gradients; one query per step is
+        # memory-bound, where fused attention kernels gain nothing.
+        return Decoder(config=dataclasses.replace(self.config, remat_policy='none',
+                                                  attention_impl='xla'))
+
+    def decode_prefill(self, params, batch: Mapping[str, Array], *,
+                       max_decode_length: int) -> tuple[Array, DecodeState]:
+        """One forward over the prompts, filling the cache: (logits_BxV of the first
+        generated token, state). See `left_aligned_prompts` for the batch."""
+        tokens_BxP, first_slot_B, bidirectional = left_aligned_prompts(batch)
+        width = tokens_BxP.shape[1]
+        length = width + max_decode_length - 1
+        mask = kv_cache.causal_mask(first_slot_B=first_slot_B, index=0, q_len=width,
+                                    length=length)
+        if bidirectional:   # prefix LM: the prompt sees all of itself
+            mask = mask | (kv_cache.causal_mask(first_slot_B=first_slot_B, index=width - 1,
+                                                q_len=1, length=length))
+        slots_P = jnp.arange(width, dtype=jnp.int32)
+        logits, variables = self._decoder_for_decoding().apply(
+            {'params': params}, tokens_BxP,
+            decoder_positions=slots_P[None, :] - first_slot_B[:, None],
+            enable_dropout=False, cache_write=kv_cache.CacheWrite(index=0, mask_Bx1xQxT=mask),
+            mutable=['cache'])
+        state = DecodeState(cache=variables['cache'], first_slot_B=first_slot_B,
+                            prompt_width=width, cache_length=length)
+        return logits[:, 0], state
+
+    def decode_step(self, params, state: DecodeState, tokens_B: Array, position: Array
+                    ) -> tuple[Array, DecodeState]:
+        """Feeds generated token number `position` (0-based); returns the next
+        token's logits_BxV and the state with the token cached."""
+        slot = state.prompt_width + position
+        mask = kv_cache.causal_mask(first_slot_B=state.first_slot_B, index=slot, q_len=1,
+                                    length=state.cache_length)
+        logits, variables = self._decoder_for_decoding().apply(
+            {'params': params, 'cache': state.cache}, tokens_B[:, None],
+            decoder_positions=(slot - state.first_slot_B)[:, None], enable_dropout=False,
+            cache_write=kv_cache.CacheWrite(index=slot, mask_Bx1xQxT=mask),
+            mutable=['cache'])
+        return logits[:, 0], state.replace(cache=variables['cache'])
 
     def loss_and_metrics(
         self, params, batch: Mapping[str, Array], *, dropout_rng: Array | None

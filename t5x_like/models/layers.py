@@ -286,12 +286,14 @@ def apply_stack(layer_cls: type[nn.Module], x: Array, *broadcast: Any, num_layer
     `layers_0..N-1`, or, with `scan_layers`, one `layers` module whose parameters
     carry a leading depth axis (logical axis 'layers'; one compiled layer body, so
     compile time stays flat in depth). `remat_policy` rematerialises each layer.
+    A decoding cache (collection 'cache', see kv_cache.py) is stacked on axis 1, so
+    its leaves keep the batch first ([B, layers, ...]) whichever way the layers run.
     """
     if remat_policy != 'none':
         layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[remat_policy],
                              prevent_cse=not scan_layers)
     if scan_layers:
-        stack = nn.scan(layer_cls, variable_axes={'params': 0},
+        stack = nn.scan(layer_cls, variable_axes={'params': 0, 'cache': 1},
                         split_rngs={'params': True, 'dropout': True},
                         in_axes=(nn.broadcast,) * len(broadcast), length=num_layers,
                         metadata_params={nn.PARTITION_NAME: 'layers'})

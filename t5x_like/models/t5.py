@@ -20,12 +20,13 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_like.models import attention, flop_count, layers, losses, t5_layers
+from t5x_like.models import attention, flop_count, kv_cache, layers, losses, t5_layers
 
 Array = jax.Array
 
@@ -110,13 +111,14 @@ def _stack(layer_cls: type[nn.Module], cfg: T5Config, num_layers: int,
         enable_dropout=enable_dropout)
 
 
-def _relpos_bias(cfg: T5Config, length: int, *, bidirectional: bool) -> Array:
-    """The stack's shared relative position bias [1, H, L, L] (module `relpos_bias`)."""
+def _relpos_bias(cfg: T5Config, q_len: int, k_len: int, *, bidirectional: bool,
+                 query_offset: Array | int = 0) -> Array:
+    """The stack's shared relative position bias [1, H, Q, K] (module `relpos_bias`)."""
     return t5_layers.RelativePositionBiases(
         num_buckets=cfg.relative_attention_num_buckets,
         max_distance=cfg.relative_attention_max_distance,
         num_heads=cfg.num_heads, bidirectional=bidirectional, name='relpos_bias',
-    )(length, length)
+    )(q_len, k_len, query_offset)
 
 
 def _embed(embedding: nn.Module, tokens_BxL: Array, dtype: Any) -> Array:
@@ -154,7 +156,7 @@ class Encoder(nn.Module):
         mask_Bx1xLxL = attention.dense_mask(q_len=length, k_len=length, causal=False,
                                             q_segment_ids=segment_ids_BxL,
                                             kv_segment_ids=segment_ids_BxL)
-        bias_1xHxLxL = _relpos_bias(cfg, length, bidirectional=True)
+        bias_1xHxLxL = _relpos_bias(cfg, length, length, bidirectional=True)
         x_BxLxD = drop(_embed(self.shared_embedding, tokens_BxL, dtype),
                        deterministic=not enable_dropout)
         x_BxLxD = _stack(t5_layers.EncoderLayer, cfg, cfg.num_encoder_layers, enable_dropout,
@@ -165,7 +167,12 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Causal decoder stack with cross-attention, ending in float32 logits."""
+    """Causal decoder stack with cross-attention, ending in float32 logits.
+
+    Decoding (`cache_write`, see kv_cache.py): the tokens are new positions at the
+    write's slots, written into the self-attention cache; `encoded_BxExD` is given at
+    the first call (its cross-attention keys/values are cached) and None afterwards.
+    """
 
     config: T5Config
     shared_embedding: nn.Module
@@ -173,12 +180,13 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(
         self,
-        encoded_BxExD: Array,
+        encoded_BxExD: Array | None,
         tokens_BxL: Array,
         *,
         encoder_segment_ids_BxE: Array,
         decoder_segment_ids_BxL: Array | None,
         enable_dropout: bool,
+        cache_write: kv_cache.CacheWrite | None = None,
     ) -> Array:
         cfg = self.config
         dtype = cfg.compute_dtype
@@ -188,18 +196,23 @@ class Decoder(nn.Module):
         # Unpacked (no decoder segment ids): padding sits at the end, so causality
         # alone keeps real tokens off it (the first input token is id 0 = BOS, so
         # tokens can't mark padding), and only padded encoder keys are masked.
-        self_mask = attention.dense_mask(q_len=length, k_len=length, causal=True,
-                                         q_segment_ids=decoder_segment_ids_BxL,
-                                         kv_segment_ids=decoder_segment_ids_BxL)
-        cross_mask = attention.dense_mask(q_len=length, k_len=encoded_BxExD.shape[1],
+        cross_mask = attention.dense_mask(q_len=length, k_len=encoder_segment_ids_BxE.shape[1],
                                           causal=False, q_segment_ids=decoder_segment_ids_BxL,
                                           kv_segment_ids=encoder_segment_ids_BxE)
-
-        bias_1xHxLxL = _relpos_bias(cfg, length, bidirectional=False)
+        if cache_write is None:
+            self_mask = attention.dense_mask(q_len=length, k_len=length, causal=True,
+                                             q_segment_ids=decoder_segment_ids_BxL,
+                                             kv_segment_ids=decoder_segment_ids_BxL)
+            bias_1xHxLxL = _relpos_bias(cfg, length, length, bidirectional=False)
+        else:   # queries at the write's slots, keys at every cache slot
+            self_mask = None
+            bias_1xHxLxL = _relpos_bias(cfg, length, cache_write.length, bidirectional=False,
+                                        query_offset=cache_write.index)
         y_BxLxD = drop(_embed(self.shared_embedding, tokens_BxL, dtype),
                        deterministic=not enable_dropout)
         y_BxLxD = _stack(t5_layers.DecoderLayer, cfg, cfg.num_decoder_layers, enable_dropout,
-                         y_BxLxD, encoded_BxExD, bias_1xHxLxL, self_mask, cross_mask)
+                         y_BxLxD, encoded_BxExD, bias_1xHxLxL, self_mask, cross_mask,
+                         cache_write)
         y_BxLxD = layers.RMSNorm(dtype=dtype, name='decoder_norm')(y_BxLxD)
         y_BxLxD = drop(y_BxLxD, deterministic=not enable_dropout)
 
@@ -254,8 +267,10 @@ class Transformer(nn.Module):
         decoder_segment_ids: Array | None = None,
         decoder_positions: Array | None = None,
         enable_dropout: bool = True,
+        cache_write: kv_cache.CacheWrite | None = None,
     ) -> Array:
-        """Float32 logits [B, Ld, vocab] given the encoder output."""
+        """Float32 logits [B, Ld, vocab] given the encoder output (see Decoder for
+        decoding with `cache_write`, where `encoded` may be None)."""
         del decoder_positions
         encoder_segments = _segments_or_nonpad(encoder_segment_ids, encoder_input_tokens)
         return self.decoder(
@@ -264,6 +279,7 @@ class Transformer(nn.Module):
             encoder_segment_ids_BxE=encoder_segments,
             decoder_segment_ids_BxL=decoder_segment_ids,
             enable_dropout=enable_dropout,
+            cache_write=cache_write,
         )
 
     def __call__(
@@ -292,6 +308,19 @@ class Transformer(nn.Module):
             decoder_positions=decoder_positions,
             enable_dropout=enable_dropout,
         )
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """The encoder-decoder's state between decoding steps (see decoding.py)."""
+
+    # Per decoder layer: the self-attention cache cached_key/value [B, (layers,) T, H, kv].
+    cache: Any
+    # Per decoder layer: the encoded input's cross_key/value [B, (layers,) E, H, kv].
+    cross_cache: Any = kv_cache.same_for_every_beam()
+    # What the cross-attention may see: 1 on real encoder tokens, 0 on padding.
+    encoder_segments_BxE: Array = kv_cache.same_for_every_beam()
+    cache_length: int = flax.struct.field(pytree_node=False, default=0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -341,17 +370,52 @@ class EncoderDecoderModel:
         variables = self.module.init({'params': rng}, enc, dec, enable_dropout=False)
         return variables['params']
 
-    def loss_and_metrics(
-        self, params, batch: Mapping[str, Array], *, dropout_rng: Array | None
-    ) -> tuple[Array, dict[str, Array]]:
-        """Mean loss over weighted target tokens, plus exact sums for aggregation.
+    # ------------------------------------------------------------ decoding (decoding.py)
 
-        metrics: loss_sum (cross-entropy + z-loss, weighted), z_loss_sum,
-        accuracy_sum (weighted count of argmax == target), weight_sum.
-        Dropout is on iff `dropout_rng` is given.
-        """
+    def _module_for_decoding(self) -> Transformer:
+        # Rematerialisation only matters for gradients; one query per step is
+        # memory-bound, where fused attention kernels gain nothing.
+        return Transformer(config=dataclasses.replace(self.config, remat_policy='none',
+                                                      attention_impl='xla'))
+
+    def _decode_at(self, variables, state: DecodeState, tokens_B: Array, slot: Array,
+                   encoded: Array | None) -> tuple[Array, DecodeState]:
+        mask = kv_cache.causal_mask(first_slot_B=None, index=slot, q_len=1,
+                                    length=state.cache_length)
+        logits, new_vars = self._module_for_decoding().apply(
+            variables, encoded, state.encoder_segments_BxE, tokens_B[:, None],
+            encoder_segment_ids=state.encoder_segments_BxE, enable_dropout=False,
+            cache_write=kv_cache.CacheWrite(index=slot, mask_Bx1xQxT=mask),
+            method=Transformer.decode, mutable=['cache'])
+        cache, cross_cache = kv_cache.split_cross_attention(new_vars['cache'])
+        return logits[:, 0], state.replace(cache=cache, cross_cache=cross_cache)
+
+    def decode_prefill(self, params, batch: Mapping[str, Array], *,
+                       max_decode_length: int) -> tuple[Array, DecodeState]:
+        """Encodes `encoder_input_tokens` (unpacked; 0 = padding) once and runs the
+        decoder on its start token (id 0), caching the cross-attention keys/values:
+        (logits_BxV of the first generated token, state)."""
+        tokens_BxE = batch['encoder_input_tokens']
+        encoded = self._module_for_decoding().apply(
+            {'params': params}, tokens_BxE, enable_dropout=False, method=Transformer.encode)
+        state = DecodeState(cache={}, cross_cache={},
+                            encoder_segments_BxE=_segments_or_nonpad(None, tokens_BxE),
+                            cache_length=max_decode_length)
+        start_B = jnp.zeros(tokens_BxE.shape[:1], jnp.int32)
+        return self._decode_at({'params': params}, state, start_B, 0, encoded)
+
+    def decode_step(self, params, state: DecodeState, tokens_B: Array, position: Array
+                    ) -> tuple[Array, DecodeState]:
+        """Feeds generated token number `position` (0-based; it sits at decoder slot
+        position + 1, after the start token): (next logits_BxV, state)."""
+        cache = kv_cache.merge(state.cache, state.cross_cache)
+        return self._decode_at({'params': params, 'cache': cache}, state, tokens_B,
+                               position + 1, None)
+
+    def logits(self, params, batch: Mapping[str, Array], *, dropout_rng: Array | None = None):
+        """Teacher-forced float32 logits [B, Ld, vocab] for a batch of seqio features."""
         rngs = {'dropout': dropout_rng} if dropout_rng is not None else {}
-        logits_BxLxV = self.module.apply(
+        return self.module.apply(
             {'params': params},
             batch['encoder_input_tokens'],
             batch['decoder_input_tokens'],
@@ -362,6 +426,17 @@ class EncoderDecoderModel:
             enable_dropout=dropout_rng is not None,
             rngs=rngs,
         )
+
+    def loss_and_metrics(
+        self, params, batch: Mapping[str, Array], *, dropout_rng: Array | None
+    ) -> tuple[Array, dict[str, Array]]:
+        """Mean loss over weighted target tokens, plus exact sums for aggregation.
+
+        metrics: loss_sum (cross-entropy + z-loss, weighted), z_loss_sum,
+        accuracy_sum (weighted count of argmax == target), weight_sum.
+        Dropout is on iff `dropout_rng` is given.
+        """
+        logits_BxLxV = self.logits(params, batch, dropout_rng=dropout_rng)
         return losses.loss_and_metric_sums(
             logits_BxLxV,
             batch['decoder_target_tokens'],

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_like.models import attention
+from t5x_like.models import attention, kv_cache
 from t5x_like.models.layers import (BLE, BLHK, DenseGeneral, MlpBlock, RMSNorm,
                                     truncated_normal_init)
 
@@ -37,6 +37,11 @@ class MultiHeadDotProductAttention(nn.Module):
 
     `mask_Bx1xQxK` is boolean (True = may attend) and broadcastable;
     `bias_1xHxQxK` is an additive float32 bias (relative positions) or None.
+
+    Decoding (kv_cache.py): with `cache_write`, self-attention writes this call's
+    keys/values into the cache and attends to all of it under the write's mask; with
+    `cache_cross`, cross-attention projects `inputs_kv` once and stores the result,
+    and later calls pass `inputs_kv=None` to read it back.
     """
 
     num_heads: int
@@ -54,6 +59,8 @@ class MultiHeadDotProductAttention(nn.Module):
         mask_Bx1xQxK: Array | None,
         bias_1xHxQxK: Array | None,
         enable_dropout: bool,
+        cache_write: kv_cache.CacheWrite | None = None,
+        cache_cross: bool = False,
     ) -> Array:
         emb_dim = inputs_q_BxQxD.shape[-1]
         inner_dim = self.num_heads * self.head_dim
@@ -65,12 +72,24 @@ class MultiHeadDotProductAttention(nn.Module):
         )
         q_init = truncated_normal_init((emb_dim * self.head_dim) ** -0.5)
         kv_init = truncated_normal_init(emb_dim**-0.5)
-        q_BxQxHxK = proj(kernel_init=q_init, name='query')(inputs_q_BxQxD)
-        k_BxKxHxK = proj(kernel_init=kv_init, name='key')(inputs_kv_BxKxD)
-        v_BxKxHxK = proj(kernel_init=kv_init, name='value')(inputs_kv_BxKxD)
-        q_BxQxHxK = nn.with_logical_constraint(q_BxQxHxK, BLHK)
-        k_BxKxHxK = nn.with_logical_constraint(k_BxKxHxK, BLHK)
-        v_BxKxHxK = nn.with_logical_constraint(v_BxKxHxK, BLHK)
+        q_BxQxHxK = nn.with_logical_constraint(
+            proj(kernel_init=q_init, name='query')(inputs_q_BxQxD), BLHK)
+
+        def project_kv():
+            return (nn.with_logical_constraint(
+                        proj(kernel_init=kv_init, name='key')(inputs_kv_BxKxD), BLHK),
+                    nn.with_logical_constraint(
+                        proj(kernel_init=kv_init, name='value')(inputs_kv_BxKxD), BLHK))
+
+        if cache_cross:
+            k_BxKxHxK, v_BxKxHxK = kv_cache.cross_attention_kv(
+                self, None if inputs_kv_BxKxD is None else project_kv)
+        else:
+            k_BxKxHxK, v_BxKxHxK = project_kv()
+        if cache_write is not None:
+            k_BxKxHxK, v_BxKxHxK = kv_cache.write(self, k_BxKxHxK, v_BxKxHxK, cache_write,
+                                                  logical_axes=BLHK)
+            mask_Bx1xQxK = cache_write.mask_Bx1xQxT
 
         dropout_fn = None
         if enable_dropout and self.dropout_rate > 0:
@@ -173,7 +192,8 @@ class RelativePositionBiases(nn.Module):
     bidirectional: bool
 
     @nn.compact
-    def __call__(self, q_len: int, k_len: int) -> Array:
+    def __call__(self, q_len: int, k_len: int, query_offset: Array | int = 0) -> Array:
+        """[1, H, q_len, k_len]; queries sit at positions query_offset.. (decoding)."""
         table_RxH = self.param(
             'rel_embedding',
             nn.with_logical_partitioning(fan_avg_uniform_init, ('relpos_buckets', 'heads')),
@@ -181,7 +201,7 @@ class RelativePositionBiases(nn.Module):
             jnp.float32,
         )
         rel_QxK = (jnp.arange(k_len, dtype=jnp.int32)[None, :]
-                   - jnp.arange(q_len, dtype=jnp.int32)[:, None])
+                   - (query_offset + jnp.arange(q_len, dtype=jnp.int32))[:, None])
         buckets_QxK = relative_position_bucket(
             rel_QxK,
             bidirectional=self.bidirectional,
@@ -246,22 +266,27 @@ class EncoderLayer(_Layer):
 class DecoderLayer(_Layer):
     """Pre-norm causal self-attention, cross-attention and gated MLP blocks.
 
-    `(y, encoded, bias, self_mask, cross_mask) -> (y, None)`, scannable like
-    EncoderLayer.
+    `(y, encoded, bias, self_mask, cross_mask, cache_write) -> (y, None)`, scannable
+    like EncoderLayer. Decoding passes `cache_write` (self-attention cache, whose mask
+    replaces `self_mask`) and the encoder output at the first call only (None later:
+    the cross-attention keys/values are cached).
     """
 
     @nn.compact
-    def __call__(self, y_BxLxD: Array, encoded_BxExD: Array, bias_1xHxLxL: Array,
-                 self_mask_Bx1xLxL: Array, cross_mask_Bx1xLxE: Array) -> tuple[Array, None]:
+    def __call__(self, y_BxLxD: Array, encoded_BxExD: Array | None, bias_1xHxLxL: Array,
+                 self_mask_Bx1xLxL: Array | None, cross_mask_Bx1xLxE: Array,
+                 cache_write: kv_cache.CacheWrite | None = None) -> tuple[Array, None]:
         drop = nn.Dropout(self.dropout_rate)
+        decoding = cache_write is not None
         h = RMSNorm(dtype=self.dtype, name='pre_self_attention_layer_norm')(y_BxLxD)
         h = self._attention('self_attention')(h, h, mask_Bx1xQxK=self_mask_Bx1xLxL,
                                               bias_1xHxQxK=bias_1xHxLxL,
-                                              enable_dropout=self.enable_dropout)
+                                              enable_dropout=self.enable_dropout,
+                                              cache_write=cache_write)
         y_BxLxD = y_BxLxD + drop(h, deterministic=not self.enable_dropout)
         h = RMSNorm(dtype=self.dtype, name='pre_cross_attention_layer_norm')(y_BxLxD)
         h = self._attention('encoder_decoder_attention')(
             h, encoded_BxExD, mask_Bx1xQxK=cross_mask_Bx1xLxE, bias_1xHxQxK=None,
-            enable_dropout=self.enable_dropout)
+            enable_dropout=self.enable_dropout, cache_cross=decoding)
         y_BxLxD = y_BxLxD + drop(h, deterministic=not self.enable_dropout)
         return self._mlp_residual(y_BxLxD, drop), None
