@@ -88,6 +88,38 @@ def test_corrupt_latest_is_set_aside_and_previous_used(tmp_path, source, caplog)
     ckpt.close()
 
 
+def overwrite_bytes_in_largest_array_file(step_dir):
+    """The drill: 16 bytes overwritten at three places of the biggest array file."""
+    files = [f for f in glob.glob(f"{step_dir}/state/**/*", recursive=True)
+             if os.path.isfile(f)]
+    largest = max(files, key=os.path.getsize)
+    size = os.path.getsize(largest)
+    with open(largest, "r+b") as fh:
+        for where in (size // 4, size // 2, 3 * size // 4):
+            fh.seek(where)
+            original = fh.read(16)
+            fh.seek(where)
+            fh.write(bytes(b ^ 0x5A for b in original))
+    return largest
+
+
+def test_flipped_bytes_are_caught_set_aside_and_previous_used(tmp_path, source, caplog):
+    state, layout = source
+    directory = str(tmp_path / "checkpoints")
+    save_steps(directory, state, [1, 2])
+    overwrite_bytes_in_largest_array_file(f"{directory}/2")
+
+    ckpt = checkpoints.Checkpointer(directory=directory)
+    with caplog.at_level(logging.WARNING):
+        step, restored, _ = ckpt.restore_latest(abstract_state=layout.abstract_with_shardings())
+    assert step == 1
+    assert "Checkpoint step 2" in caplog.text and "corrupt" in caplog.text
+    assert_trees_equal(restored, state)
+    assert ckpt.all_steps() == [1]
+    assert os.listdir(f"{directory}.corrupt")[0].startswith("2-")
+    ckpt.close()
+
+
 def test_checkpoint_of_another_config_is_an_error_not_skipped(tmp_path, source, one_device):
     directory = str(tmp_path / "checkpoints")
     save_steps(directory, source[0], [1])
