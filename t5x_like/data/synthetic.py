@@ -43,6 +43,9 @@ class StepIterator:
 class _StepSource:
     """`iterator` for sources whose `batch(step=, shard_index=, batch_size=)` is pure."""
 
+    def check(self, *, shard_index: int, num_shards: int) -> None:
+        """Every shard of a synthetic source yields batches: nothing can be wrong."""
+
     def iterator(self, *, per_host_batch_size: int, shard_index: int, num_shards: int,
                  start_step: int, position: bytes | None = None) -> StepIterator:
         del num_shards  # every shard draws from its own stream
