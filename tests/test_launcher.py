@@ -53,6 +53,8 @@ TINY, TEXT = "tests/configs/tiny_run.gin", "tests/configs/tiny_text_run.gin"
 BAD_INPUT = {
     "wrong-typed binding": (TINY, ["--gin.TRAIN_STEPS='ten'"],
                             ["train.train.train_steps is 'ten' (a str); it must be an int"]),
+    "wrong-typed run field": (TINY, ["--gin.BATCH_SIZE='4'"],
+                              ["run_config.RunConfig.batch_size is '4'", "write 4, not '4'"]),
     "quoted number": (TINY, ["--gin.train_lib.train.checkpoint_every_steps='5'"],
                       ["checkpoint_every_steps is '5'", "write 5, not '5'"]),
     "empty corpus": (TEXT, ["--gin.TEXT_FILES='{tmp}/blank.txt'"],
