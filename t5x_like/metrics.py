@@ -1,12 +1,15 @@
-"""Where training numbers go: TensorBoard event files and a readable progress line.
+"""Where training numbers go: TensorBoard event files and a readable progress line,
+both showing metrics averaged over the log interval (`IntervalMeans`).
 
-Event files are written with `tensorboardX`'s public `SummaryWriter` API. Why that
-writer: it is maintained, writes ordinary event files that TensorBoard (and
-`EventAccumulator`) read, and needs only numpy, protobuf and packaging. The
-alternatives each bring more: the `tensorboard` package's writer is a private
-module and drags in the TensorBoard server (werkzeug, grpcio, markdown, ...);
-`tf.summary` needs TensorFlow, which the core must not; CLU's writers need
-TensorFlow too.
+Event files are written with `tensorboardX`'s event writer. Why that library: it is
+maintained, writes ordinary event files that TensorBoard (and `EventAccumulator`)
+read, and needs only numpy, protobuf and packaging. The alternatives each bring more:
+the `tensorboard` package's writer is a private module and drags in the TensorBoard
+server (werkzeug, grpcio, markdown, ...); `tf.summary` needs TensorFlow, which the
+core must not; CLU's writers need TensorFlow too. We use its synchronous
+`EventsWriter` rather than `SummaryWriter`, whose events reach the file through a
+background thread: its `flush()` does not wait for them, so a run killed right after
+a checkpoint could lose the last logged point.
 """
 
 from __future__ import annotations
@@ -17,30 +20,113 @@ import os
 import time
 from collections.abc import Mapping
 
-from tensorboardX import SummaryWriter
+import jax
+import jax.numpy as jnp
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.summary import scalar
 
 log = logging.getLogger(__name__)
 
 
 class TensorBoardWriter:
-    """Scalar summaries into `<logdir>/events.out.tfevents.*`."""
+    """Scalar summaries into `<logdir>/events.out.tfevents.*`, on disk when
+    `write_scalars` returns."""
 
     def __init__(self, *, logdir: str):
         os.makedirs(logdir, exist_ok=True)
-        self._writer = SummaryWriter(logdir=logdir)
+        self._events = EventsWriter(os.path.join(logdir, "events"))
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         wall_time = time.time()
         for name, value in scalars.items():
-            self._writer.add_scalar(name, float(value), global_step=int(step),
-                                    walltime=wall_time)
-        self._writer.flush()     # log points are rare; a killed run keeps its curve
+            self._events.write_event(Event(wall_time=wall_time, step=int(step),
+                                           summary=scalar(name, float(value))))
+        self._events.flush()     # log points are rare; a killed run keeps its curve
 
     def flush(self) -> None:
-        self._writer.flush()
+        self._events.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        self._events.close()
+
+
+# How IntervalMeans averages each train-step metric (see its docstring).
+TOKEN_WEIGHTED = ("loss", "cross_entropy", "z_loss", "accuracy")
+LAST_VALUE = ("learning_rate",)
+COUNTED = ("nonfinite",)
+_STEPS, _TOKENS = "interval/finite_steps", "interval/target_tokens"
+
+
+@jax.jit
+def _accumulate(sums: Mapping, step_metrics: Mapping) -> dict:
+    finite = step_metrics["nonfinite"] == 0
+    tokens = step_metrics["target_tokens"]
+    out = {_STEPS: sums[_STEPS] + finite.astype(jnp.float32),
+           _TOKENS: sums[_TOKENS] + jnp.where(finite, tokens, 0.0)}
+    for name, value in step_metrics.items():
+        if name in COUNTED:
+            out[name] = sums[name] + value
+        elif name in LAST_VALUE:
+            out[name] = value
+        else:
+            weighted = value * tokens if name in TOKEN_WEIGHTED else value
+            out[name] = sums[name] + jnp.where(finite, weighted, 0.0)
+    return out
+
+
+class IntervalMeans:
+    """Train-step metrics averaged over the steps since the last log point.
+
+    How each metric is averaged:
+      loss, cross_entropy, z_loss, accuracy: weighted by each step's `target_tokens`
+        (its loss divisor: the real target tokens under the default 'tokens'
+        normalization), i.e. the value one step over all of the interval's batches
+        would report. CLU's Average and Accuracy metrics weigh T5X's accuracy and
+        loss_per_nonpadding_target_token the same way.
+      learning_rate: the last step's.
+      nonfinite: how many steps had their update dropped (NaN/Inf); those steps are
+        left out of every mean (an interval of only such steps averages to NaN).
+      anything else (grad_norm, param_norm, target_tokens): the mean over steps.
+    The sums stay on device, float32, one small jitted add per step, so the host
+    never waits for a step; `means()` reads them once per log point.
+
+    Checkpoints carry an unfinished interval's sums (`sums()`, restored through
+    `IntervalMeans(sums=...)`), so a run resumed mid-interval logs at the end of
+    that interval exactly what an uninterrupted run logs.
+    """
+
+    def __init__(self, *, sums: Mapping[str, float] | None = None):
+        self._sums: dict = dict(sums or {})
+        self._pending = bool(sums)
+
+    def add(self, step_metrics: Mapping[str, jax.Array]) -> None:
+        start = {name: self._sums.get(name, 0.0)
+                 for name in (*step_metrics, _STEPS, _TOKENS)}
+        self._sums = _accumulate(start, dict(step_metrics))
+        self._pending = True
+
+    def sums(self) -> dict[str, float]:
+        """The interval's sums as host floats ({} right after a reset), for a checkpoint."""
+        if not self._pending:
+            return {}
+        return {name: float(value) for name, value in jax.device_get(self._sums).items()}
+
+    def means(self) -> dict[str, float]:
+        """The interval's averages (reads the device once)."""
+        sums = self.sums()
+        steps, tokens = sums.pop(_STEPS, 0.0), sums.pop(_TOKENS, 0.0)
+        out = {}
+        for name, total in sums.items():
+            if name in COUNTED or name in LAST_VALUE:
+                out[name] = total
+            else:
+                count = tokens if name in TOKEN_WEIGHTED else steps
+                out[name] = total / count if count else math.nan
+        return out
+
+    def reset(self) -> None:
+        self._sums, self._pending = {}, False
 
 
 def format_duration(seconds: float) -> str:

@@ -15,6 +15,13 @@ splits nothing, so
 There is no separate "rules preset" that could disagree with the mesh (FSDP rules
 on a mesh whose fsdp axis is 1 used to replicate everything without a word).
 
+The rules are then fitted to the model (`Partitioner.fit_to_parameters`, which
+`trainer.state_layout` calls before anything is placed or compiled): attention heads
+fewer than the mesh axes they map to are replicated across them instead of split (as
+MaxText and vLLM do for the few key/value heads of GQA models under tensor
+parallelism), and any other dimension that its mesh axes cannot split evenly is an
+error naming the parameter, its logical axis, the mesh axis and the setting to change.
+
 Multi-slice (several TPU slices joined by the data-center network, DCN): with
 `num_slices > 1` the `data` axis spans the slices, outermost, so only the data
 parallel gradient reduction crosses DCN while FSDP and tensor parallelism stay on
@@ -24,6 +31,7 @@ each slice's fast interconnect (ICI). The other axis sizes are per slice.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,7 +41,14 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from t5x_like import errors
+
+log = logging.getLogger(__name__)
+
 MESH_AXES = ("data", "fsdp", "model")
+# The Partitioner setting that sizes each mesh axis (named in error messages).
+MESH_AXIS_SETTINGS = {"data": "data_parallelism", "fsdp": "fsdp_parallelism",
+                      "model": "tensor_parallelism"}
 
 # A rule maps one logical axis to a mesh axis, a tuple of mesh axes, or None
 # (replicated).
@@ -56,6 +71,11 @@ LOGICAL_AXIS_RULES: LogicalRules = (
     ("kv", None), ("length", None), ("relpos_buckets", None), ("layers", None),
 )
 KNOWN_LOGICAL_AXES = frozenset(name for name, _ in LOGICAL_AXIS_RULES)
+# Axes replicated, rather than refused, when a model has fewer of them than the mesh
+# axes they map to: e.g. 2 kv heads under 8-way tensor parallelism (each device then
+# holds every kv head, while query heads, MLP and vocabulary still split), or 4 query
+# heads over 8 devices (the attention then runs whole on each device).
+REPLICATED_WHEN_TOO_FEW = frozenset({"heads", "kv_heads"})
 
 
 def rules_for_mesh(mesh_shape: Mapping[str, int]) -> LogicalRules:
@@ -166,11 +186,71 @@ class Partitioner:
                               model=tensor_parallelism, devices=devices,
                               num_slices=num_slices)
         self.rules = rules_for_mesh(self.mesh.shape)
+        self.replicated_axes: tuple[str, ...] = ()    # set by fit_to_parameters
 
     def __repr__(self) -> str:
         shape = ", ".join(f"{k}={v}" for k, v in self.mesh.shape.items())
         slices = f", slices={self.num_slices}" if self.num_slices > 1 else ""
-        return f"Partitioner(mesh=({shape}){slices}: {self.strategy})"
+        replicated = (f"; {', '.join(self.replicated_axes)} replicated (too few to split)"
+                      if self.replicated_axes else "")
+        return f"Partitioner(mesh=({shape}){slices}: {self.strategy}{replicated})"
+
+    def fit_to_parameters(self, abstract_params: Any, logical_specs: Any) -> None:
+        """Fits the rules to a model's parameter sizes, or says why its mesh cannot.
+
+        Every parameter dimension must split evenly over the mesh axes its logical
+        axis maps to. Axes in REPLICATED_WHEN_TOO_FEW that are smaller than their
+        mesh axes are replicated for the whole model (parameters and activations);
+        anything else that does not divide raises a ConfigError naming the parameter,
+        logical axis, mesh axis and the Partitioner setting to change. Call it before
+        tracing the model under `context()` (trainer.state_layout does).
+        """
+        base = rules_for_mesh(self.mesh.shape)
+        replicated: set[str] = set()
+        while True:
+            rules = tuple((name, None if name in replicated else axes)
+                          for name, axes in base)
+            too_few = self._check_divisible(abstract_params, logical_specs, rules)
+            if not too_few - replicated:
+                break
+            replicated |= too_few
+        self.rules, self.replicated_axes = rules, tuple(sorted(replicated))
+        for name in self.replicated_axes:
+            log.info("Logical axis %r has fewer entries than the mesh axes it maps to; "
+                     "it is replicated instead of split.", name)
+
+    def _check_divisible(self, abstract_params: Any, logical_specs: Any,
+                         rules: LogicalRules) -> set[str]:
+        """Replicable axes found too small under `rules`; raises for any other misfit."""
+        too_few = set()
+        flat_params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+        flat_specs = jax.tree.leaves(logical_specs,
+                                     is_leaf=lambda x: isinstance(x, PartitionSpec))
+        for (path, param), spec in zip(flat_params, flat_specs):
+            logical = tuple(spec) + (None,) * (len(param.shape) - len(spec))
+            mesh_spec = nn.logical_to_mesh_axes(logical, rules)
+            for dim, (size, name, mesh_axes) in enumerate(zip(param.shape, logical,
+                                                              mesh_spec)):
+                if mesh_axes is None:
+                    continue
+                mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+                ways = int(np.prod([self.mesh.shape[a] for a in mesh_axes]))
+                if size % ways == 0:
+                    continue
+                if name in REPLICATED_WHEN_TOO_FEW and size < ways:
+                    too_few.add(name)
+                    continue
+                where = "/".join(str(getattr(k, "key", k)) for k in path)
+                axes_text = " x ".join(f"{a!r} ({self.mesh.shape[a]})" for a in mesh_axes)
+                settings = " / ".join(f"partitioning.Partitioner.{MESH_AXIS_SETTINGS[a]}"
+                                      for a in mesh_axes)
+                raise errors.ConfigError(
+                    f"Parameter {where} {tuple(param.shape)}: dimension {dim} (logical "
+                    f"axis {name!r}, size {size}) cannot be split evenly over mesh axis "
+                    f"{axes_text} devices",
+                    fix=f"set {settings} to a divisor of {size}, or change the model's "
+                    f"{name!r} size")
+        return too_few
 
     @property
     def strategy(self) -> str:

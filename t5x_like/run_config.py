@@ -54,6 +54,8 @@ class RunConfig:
                 f"batch_size={self.batch_size} is not divisible by "
                 f"num_microbatches={self.num_microbatches}",
                 fix="choose a num_microbatches that divides the batch")
+        if self.train_data is not None:
+            check_vocabulary(self.model, self.train_data)
 
     def feature_lengths(self) -> dict[str, int]:
         """The batch's features and their lengths, as the data source yields them."""
@@ -82,6 +84,22 @@ class RunConfig:
                                     dropout_seed=self.seed),
             partitioner=partitioner, layout=layout,
             batch_feature_names=tuple(feature_lengths))
+
+
+def check_vocabulary(model: trainer.Model, train_data: DataSource) -> None:
+    """The model's vocabulary must cover the data's ids, sentinels included, as T5X
+    checks model against task vocabulary. Otherwise an id past the embedding table
+    reads NaN (JAX fills out-of-range gathers) and the run halts on a NaN loss with
+    advice about the learning rate. Checked here, before any model init."""
+    needed = train_data.vocabulary_size()
+    if model.vocab_size < needed:
+        config = getattr(model, "config", None)
+        setting = f"{type(config).__name__}.vocab_size" if config is not None else "vocab_size"
+        raise errors.ConfigError(
+            f"the model's vocab_size {model.vocab_size} does not cover the data's vocabulary "
+            f"of {needed} ids (sentinel/extra ids included)",
+            fix=f"set {setting} >= {needed} (T5 rounds it up to a multiple of 128, e.g. "
+            "32100 -> 32128)")
 
 
 def from_gin(**overrides: Any) -> RunConfig:

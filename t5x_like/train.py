@@ -47,6 +47,12 @@ class DataSource(Protocol):
         """Raises a RunError if this shard cannot yield batches (e.g. an empty source,
         lengths too short for the objective). Cheap: runs before the model is built."""
 
+    def stream_identity(self) -> Mapping[str, Any]:
+        """JSON-able settings that define the stream of batches (seed included)."""
+
+    def vocabulary_size(self) -> int:
+        """Token ids the data can contain (all features' vocabularies, sentinels too)."""
+
     def iterator(self, *, per_host_batch_size: int, shard_index: int, num_shards: int,
                  start_step: int, position: bytes | None = None
                  ) -> host_batches.ShardIterator: ...
@@ -99,6 +105,9 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
         applied; 'halt' then stops with an error naming the step, 'skip_update' goes
         on, but stops after `max_consecutive_skipped_steps` skipped steps in a row
         (the checkpoint saved before the first of them is kept).
+      log_every_steps: the progress line and TensorBoard show, every this many steps
+        (and at the last), the metrics averaged over the steps since the previous
+        multiple (metrics.IntervalMeans: loss and accuracy weighted by target tokens).
     """
     # ----------------------------------------------------------- checks, before any work
     argument_types.check(train, dict(locals()))   # locals() holds exactly the arguments
@@ -159,9 +168,10 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
     start_step = int(state.step)
 
     # ----------------------------------------------------------- data, positioned at the step
+    data_stream = dict(train_data.stream_identity())
     positions = None if saved_data is None else _saved_shard_positions(
         checkpointer, saved_data, step=start_step, shards=shards, batch_size=batch_size,
-        seed=seed, num_data_shards=num_data_shards)
+        data_stream=data_stream, num_data_shards=num_data_shards)
     batches = host_batches.HostBatches(
         train_data, global_batch_size=batch_size, num_data_shards=num_data_shards,
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -174,9 +184,13 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
     progress = metrics_lib.Progress(total_steps=train_steps, start_step=start_step)
     guard = _NonFiniteGuard(policy=on_nonfinite_loss, checkpointer=checkpointer,
                             max_consecutive=max_consecutive_skipped_steps)
+    # Logged values average the steps since the last multiple of log_every_steps; an
+    # unfinished interval's sums go into each checkpoint, so resuming never splits one.
+    interval = metrics_lib.IntervalMeans(
+        sums=None if saved_data is None else saved_data.get(_INTERVAL_SUMS))
     watcher = preemption.PreemptionWatcher()
-    data_position = {"step": start_step, "global_batch_size": batch_size, "seed": seed,
-                     "num_data_shards": num_data_shards}
+    data_position = {"step": start_step, "global_batch_size": batch_size,
+                     "data_stream": data_stream, "num_data_shards": num_data_shards}
     losses: dict[int, float] = {}
     step, preempted = start_step, watcher.should_stop(start_step)
     if preempted:                  # SIGTERM during start-up: no step taken, nothing to save
@@ -188,6 +202,7 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
             progress.add_tokens(model.count_real_tokens(local_batch) * jax.process_count())
             state, step_metrics = train_step(
                 state, partitioning.host_local_to_global(local_batch, partitioner))
+            interval.add(step_metrics)              # on device: the host does not wait
             step += 1
             guard.observe(step, step_metrics)      # checks the previous step: no stall
             checkpointer.raise_if_save_failed()    # a failed background write, now
@@ -195,7 +210,9 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
             preempted = watcher.should_stop(step)
             is_last = step == train_steps
             if is_last or step % log_every_steps == 0:
-                host_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                host_metrics = interval.means()
+                if step % log_every_steps == 0:     # a last-step log leaves it open
+                    interval.reset()
                 losses[step] = host_metrics["loss"]
                 rates = progress.tick(step)
                 log.info(progress.line(step, host_metrics, rates))
@@ -203,7 +220,9 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
                     writer.write_scalars(step, {**host_metrics, **rates})
             if is_last or preempted or step % checkpoint_every_steps == 0:
                 guard.flush()                      # never save past an unchecked step
-                checkpointer.save(step, state, data_position=data_position,
+                checkpointer.save(step, state,
+                                  data_position={**data_position,
+                                                 _INTERVAL_SUMS: interval.sums()},
                                   shard_positions=batches.positions(),
                                   num_data_shards=num_data_shards)
             if preempted:
@@ -220,6 +239,10 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
     log.info("Stopped at step %d; checkpoints in %s", step, checkpointer.directory)
     return TrainResult(start_step=start_step, final_step=step, losses=losses,
                        final_state=state, preempted=preempted)
+
+
+# Where a checkpoint keeps the sums of a log interval that it cuts in two.
+_INTERVAL_SUMS = "log_interval_sums"
 
 
 class _NonFiniteGuard:
@@ -337,20 +360,34 @@ def _write_operative_config(model_dir: str) -> None:
             fix="make it writable or choose another MODEL_DIR, then rerun") from e
 
 
-def _check_data_position(data_position: Mapping[str, Any], *, batch_size: int, seed: int,
-                         num_data_shards: int) -> bool:
-    """Whether the checkpoint's data settings are this run's (warns if not)."""
-    now = {"global_batch_size": batch_size, "seed": seed, "num_data_shards": num_data_shards}
+def _check_data_position(data_position: Mapping[str, Any], *, batch_size: int,
+                         data_stream: Mapping[str, Any], num_data_shards: int) -> bool:
+    """Whether the checkpoint's data settings are this run's (warns if not).
+
+    `data_stream` is the data source's `stream_identity()` (its seed, task, lengths,
+    ...), which is what seeds and shapes the stream; the run's init seed is not part
+    of it. A checkpoint from before it was recorded is compared on the rest.
+    """
+    now = {"global_batch_size": batch_size, "num_data_shards": num_data_shards,
+           "data_stream": dict(data_stream)}
+    if "data_stream" not in data_position:
+        now.pop("data_stream")
     saved = {k: data_position.get(k) for k in now}
     if saved != now:
-        log.warning("Checkpoint's data settings %s differ from this run's %s: the data "
-                    "stream after resuming differs from the original run's.", saved, now)
+        changed = {k: (saved[k], now[k]) for k in now if saved[k] != now[k]}
+        if "data_stream" in changed:
+            before, after = changed.pop("data_stream")
+            changed.update({f"data_stream.{k}": (before.get(k), after.get(k))
+                            for k in set(before) | set(after) if before.get(k) != after.get(k)})
+        log.warning("Checkpoint's data settings differ from this run's (%s): the data "
+                    "stream after resuming differs from the original run's.",
+                    ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items())))
     return saved == now
 
 
 def _saved_shard_positions(checkpointer: checkpoints.Checkpointer,
                            data_position: Mapping[str, Any], *, step: int,
-                           shards: range, batch_size: int, seed: int,
+                           shards: range, batch_size: int, data_stream: Mapping[str, Any],
                            num_data_shards: int) -> dict[int, bytes] | None:
     """The saved positions of this process's shards, when they apply to this run.
 
@@ -358,8 +395,8 @@ def _saved_shard_positions(checkpointer: checkpoints.Checkpointer,
     settings) each shard replays `step` batches: exact, but its cost grows with the
     step.
     """
-    if not _check_data_position(data_position, batch_size=batch_size, seed=seed,
-                                num_data_shards=num_data_shards):
+    if not _check_data_position(data_position, batch_size=batch_size,
+                                data_stream=data_stream, num_data_shards=num_data_shards):
         return None
     positions = checkpointer.read_shard_positions(step, shards=shards,
                                                   num_data_shards=num_data_shards)

@@ -30,8 +30,12 @@ class Model(Protocol):
     """What the trainer needs from a model (see models/t5.py, models/decoder.py).
 
     The model, not the trainer, knows its batch's feature names: a new model family
-    implements these four methods and needs no change here or in train.py.
+    implements these members and needs no change here or in train.py.
     """
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model embeds and predicts (run_config checks the data's fit)."""
 
     def init_lengths(self, feature_lengths: Mapping[str, int]) -> dict[str, int]:
         """The length arguments of `init_params` for batches with these features."""
@@ -60,23 +64,21 @@ def _optimizer_state_logical_specs(opt_state: Any, params: Any,
                                    ) -> Any:
     """Logical specs for every optimizer-state leaf, inferred from its parameter.
 
-    A leaf shaped like its parameter (Adam moments) takes the parameter's spec; a
-    leaf that drops one dimension (Adafactor's factored row/column statistics)
-    takes the spec with that dimension removed; anything else (counters, scalars)
-    is replicated. This keeps the optimizer state as sharded as the parameters
-    under FSDP without the optimizer knowing about meshes.
+    A leaf with its parameter's rank whose every dimension is the parameter's or 1
+    (Adam's moments; Adafactor's factored row/column statistics, which keep reduced
+    dimensions as size 1) takes the parameter's spec, unsplit along the size-1
+    dimensions; anything else (counters, scalars) is replicated. This keeps the
+    optimizer state as sharded as the parameters under FSDP and tensor parallelism
+    without the optimizer knowing about meshes.
     """
     def spec_for(leaf, param, spec):
         if not hasattr(leaf, "shape") or not hasattr(param, "shape"):
             return PartitionSpec()
         names = tuple(spec) + (None,) * (len(param.shape) - len(spec))
-        if tuple(leaf.shape) == tuple(param.shape):
-            return PartitionSpec(*names)
-        if len(leaf.shape) == len(param.shape) - 1:
-            for dropped in range(len(param.shape)):
-                kept = param.shape[:dropped] + param.shape[dropped + 1:]
-                if tuple(leaf.shape) == tuple(kept):
-                    return PartitionSpec(*(names[:dropped] + names[dropped + 1:]))
+        if len(leaf.shape) == len(param.shape) and all(
+                n in (p, 1) for n, p in zip(leaf.shape, param.shape)):
+            return PartitionSpec(*(name if n == p else None
+                                   for name, n, p in zip(names, leaf.shape, param.shape)))
         return PartitionSpec(*([None] * len(leaf.shape)))
 
     def replicated(leaf):
@@ -107,9 +109,12 @@ def _make_init_fn(model: Model, optimizer: Optimizer, feature_lengths: Mapping[s
     shape_kwargs = model.init_lengths(feature_lengths)
 
     def init(rng: jax.Array) -> TrainState:
-        params = nn.unbox(model.init_params(rng, batch_size=1, **shape_kwargs))
+        boxed = model.init_params(rng, batch_size=1, **shape_kwargs)
+        params = nn.unbox(boxed)
+        # Adafactor factors by logical axis names: its state is built from them.
+        tx = optimizer.transform_for(nn.get_partition_spec(boxed))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=optimizer.transform.init(params))
+                          opt_state=tx.init(params))
     return init
 
 
@@ -121,10 +126,15 @@ def state_layout(*, model: Model, optimizer: Optimizer, partitioner: Partitioner
     with partitioner.context():
         boxed = jax.eval_shape(
             lambda r: model.init_params(r, batch_size=1, **shape_kwargs), rng)
-        abstract = jax.eval_shape(_make_init_fn(model, optimizer, feature_lengths), rng)
     param_specs = nn.get_partition_spec(boxed)
+    # Heads too few for their mesh axes are replicated; a dimension that cannot be
+    # split is an error here, before anything is placed or compiled.
+    partitioner.fit_to_parameters(nn.unbox(boxed), param_specs)
+    with partitioner.context():
+        abstract = jax.eval_shape(_make_init_fn(model, optimizer, feature_lengths), rng)
     opt_specs = _optimizer_state_logical_specs(
-        abstract.opt_state, abstract.params, param_specs, optimizer.transform)
+        abstract.opt_state, abstract.params, param_specs,
+        optimizer.transform_for(param_specs))
     logical = TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs)
     return StateLayout(abstract=abstract, logical_specs=logical,
                        shardings=partitioner.shardings(logical))

@@ -159,3 +159,28 @@ def test_pickled_checkpoints_are_refused(tmp_path):
   (tmp_path / 'pytorch_model.bin').write_bytes(b'not read')
   with pytest.raises(ValueError, match='never loaded'):
     hf_llama.import_checkpoint(str(tmp_path))
+
+
+def test_export_carries_token_ids_and_positions_of_the_source(tmp_path):
+  """A Llama-3-style checkpoint (bos 128000, eos [128001, 128009], 131072 positions):
+  import -> export -> transformers reads the same values from config.json and
+  generation_config.json, so generation stops on the source's tokens."""
+  src, out = str(tmp_path / 'llama3'), str(tmp_path / 'llama3_export')
+  cfg = transformers.LlamaConfig(
+      vocab_size=128256, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+      num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True,
+      bos_token_id=128000, eos_token_id=[128001, 128009], max_position_embeddings=131072,
+      rope_parameters={'rope_type': 'llama3', 'rope_theta': 500000.0, 'factor': 32.0,
+                       'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+                       'original_max_position_embeddings': 8192})
+  transformers.LlamaForCausalLM(cfg).save_pretrained(src, safe_serialization=True)
+  ours, params = hf_llama.import_checkpoint(src)
+  hf_llama.export_checkpoint(params, ours, out)
+  exported = transformers.AutoConfig.from_pretrained(out)
+  assert exported.bos_token_id == 128000
+  assert list(exported.eos_token_id) == [128001, 128009]
+  assert exported.max_position_embeddings == 131072
+  generation = transformers.GenerationConfig.from_pretrained(out)
+  assert generation.bos_token_id == 128000
+  assert list(generation.eos_token_id) == [128001, 128009]
+  assert hf_llama.import_checkpoint(out)[0] == ours

@@ -107,3 +107,26 @@ def test_export_round_trip_is_exact_and_loads_in_transformers(name, tmp_root):
       out, attn_implementation='eager').eval()
   enc, dec = _inputs(cfg.vocab_size, seed=1)
   np.testing.assert_array_equal(_hf_logits(reloaded, enc, dec), _hf_logits(model, enc, dec))
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_scanned_import_and_export_match_transformers(name, tmp_root):
+  """scan_layers=True both ways: the imported stacks carry a leading layer axis and
+  give HF's logits; the export loads in transformers with the original's logits."""
+  path, model = hf_checkpoint(name, tmp_root)
+  cfg, params = hf_t5.import_checkpoint(path, scan_layers=True)
+  assert cfg.scan_layers
+  assert params['decoder']['layers']['mlp']['wo']['kernel'].shape[0] == cfg.num_decoder_layers
+  enc, dec = _inputs(cfg.vocab_size)
+  diff = float(np.abs(_our_logits(cfg, params, enc, dec) - _hf_logits(model, enc, dec)).max())
+  assert diff < 1e-4, diff
+  out = os.path.join(tmp_root, name + '_scanned_export')
+  hf_t5.export_checkpoint(params, cfg, out)
+  reloaded = transformers.T5ForConditionalGeneration.from_pretrained(
+      out, attn_implementation='eager').eval()
+  enc, dec = _inputs(cfg.vocab_size, seed=1)
+  np.testing.assert_array_equal(_hf_logits(reloaded, enc, dec), _hf_logits(model, enc, dec))
+  _, unscanned = hf_t5.import_checkpoint(path)
+  _, again = hf_t5.import_checkpoint(out)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               unscanned, again)

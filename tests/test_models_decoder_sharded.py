@@ -36,8 +36,8 @@ def packed_prefix_lm_batch(batch_size=8, seed=0):
               decoder_positions=pos, decoder_causal_attention=prefix, decoder_loss_weights=weights)
 
 
-def one_step(partitioner):
-  model = decoder.DecoderOnlyModel(config=CONFIG)
+def one_step(partitioner, config=CONFIG):
+  model = decoder.DecoderOnlyModel(config=config)
   opt = optimizers.adamw(learning_rate=optax.constant_schedule(1e-3))
   layout = trainer.state_layout(model=model, optimizer=opt, partitioner=partitioner,
                                 feature_lengths=FEATURE_LENGTHS)
@@ -78,3 +78,43 @@ def test_decoder_step_is_the_same_under_every_preset(reference, preset):
     assert key.spec == jax.sharding.PartitionSpec(None, 'fsdp', 'model', None)
   if preset == 'fsdp':
     assert any('fsdp' in s for s in specs)
+
+
+# configs/models/decoder_tiny.gin: 4 query heads, 2 kv heads.
+TINY = decoder.DecoderConfig(vocab_size=8192, emb_dim=32, num_heads=4, num_kv_heads=2,
+                             head_dim=8, mlp_dim=64, num_layers=2)
+
+
+def test_tensor_parallel_over_more_devices_than_heads_replicates_heads():
+  """configs/partitioning/tensor_parallel.gin (model = all 8 devices) with the tiny
+  decoder: 4 query and 2 kv heads cannot be split 8 ways, so they are replicated
+  across `model` (the MLP and vocabulary still split); the step equals 1 device's."""
+  _, ref_state, ref_metrics = one_step(partitioning.Partitioner(devices=jax.devices()[:1]),
+                                       TINY)
+  part = partitioning.Partitioner(data_parallelism=1, fsdp_parallelism=1,
+                                  tensor_parallelism=-1)
+  layout, state, metrics = one_step(part, TINY)
+  np.testing.assert_allclose(metrics['loss'], ref_metrics['loss'], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                       rtol=2e-5, atol=2e-5),
+               state.params, ref_state.params)
+  attention = layout.shardings.params['layers_0']['attention']
+  P = jax.sharding.PartitionSpec
+  assert attention['key']['kernel'].spec == P(None, None, None)
+  assert attention['query']['kernel'].spec == P(None, None, None)
+  assert layout.shardings.params['layers_0']['mlp']['wi_0']['kernel'].spec == P(None, 'model')
+  assert layout.shardings.params['logits_dense']['kernel'].spec == P(None, 'model')
+
+
+def test_a_dimension_that_cannot_be_split_is_named_before_compiling():
+  config = decoder.DecoderConfig(vocab_size=8192, emb_dim=32, num_heads=8, num_kv_heads=2,
+                                 head_dim=8, mlp_dim=60, num_layers=1)
+  part = partitioning.Partitioner(data_parallelism=1, tensor_parallelism=-1)
+  with pytest.raises(ValueError) as e:
+    trainer.state_layout(model=decoder.DecoderOnlyModel(config=config),
+                         optimizer=optimizers.adamw(learning_rate=optax.constant_schedule(1e-3)),
+                         partitioner=part, feature_lengths=FEATURE_LENGTHS)
+  message = str(e.value)
+  for part_of_message in ('layers_0/mlp/wi_0/kernel', "'mlp'", '60', "'model'", '8',
+                          'tensor_parallelism'):
+    assert part_of_message in message, message

@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from data import tasks
 from t5x_like.data import preprocessors as P
+from t5x_like.data import vocabularies
 
 VOCAB = tasks.pydocs_vocabulary()
 FIRST_SENTINEL = VOCAB.vocab_size - 1  # 8099: 8000 pieces + 100 extra ids
@@ -30,6 +31,64 @@ def test_lengths_match_brute_force(inputs_length):
         _reference_lengths(inputs_length)
 
 
+def _t5_random_spans_helper(inputs_length, noise_density, mean_noise_span_length=3.0):
+    """T5's length helper (t5/data/preprocessors.py `random_spans_helper`, one sentinel
+    per span and an EOS on each side), rewritten from its description: count
+    round(n * density) noise tokens and round(noise / mean) spans for n raw tokens,
+    grow n from inputs_length - 1 while the corrupted inputs fit, and at density 0.5,
+    if the targets come out longer than the inputs, drop one token (and one target)."""
+    def lengths(n):
+        noise = int(round(n * noise_density))
+        spans = int(round(noise / mean_noise_span_length))
+        return n - noise + spans + 1, noise + spans + 1
+    n = inputs_length - 1
+    while lengths(n + 1)[0] <= inputs_length:
+        n += 1
+    inputs, targets = lengths(n)
+    if noise_density == 0.5 and targets > inputs:
+        n, targets = n - 1, targets - 1
+    return n, targets
+
+
+def test_lengths_match_t5_at_every_density():
+    """T5's numbers for densities 0.05-0.5 and inputs 8-2048, except where T5's helper
+    counts no noise token or no span (tiny chunks) while its mask forces one of each:
+    there the lengths are what the mask really produces."""
+    masks_disagree_with_t5_helper = []
+    for density in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5):
+        for inputs_length in range(8, 2049):
+            ours = P.span_corruption_lengths(inputs_length=inputs_length,
+                                             noise_density=density)
+            t5 = _t5_random_spans_helper(inputs_length, density)
+            noise = int(round(t5[0] * density))
+            if noise >= 1 and int(round(noise / 3.0)) >= 1:
+                assert ours == t5, (density, inputs_length, ours, t5)
+            else:
+                masks_disagree_with_t5_helper.append((density, inputs_length))
+                assert ours == _reference_lengths(inputs_length, density), \
+                    (density, inputs_length)
+    assert {d for d, _ in masks_disagree_with_t5_helper} == {0.05, 0.1, 0.15}
+    assert max(n for _, n in masks_disagree_with_t5_helper) == 29
+    assert P.span_corruption_lengths(inputs_length=512, noise_density=0.5) == (766, 512)
+
+
+def test_density_one_half_fits_targets_as_long_as_inputs(lines):
+    """T5's 0.5 setting (512/512): the noise mask in the TF graph corrupts 766-token
+    chunks into inputs and targets that fit 512 each. Its 128 spans need 128 sentinels,
+    more than the default 100 extra ids: a vocabulary with too few is refused."""
+    with pytest.raises(ValueError, match="128 noise spans.*100 sentinel"):
+        _corrupted(lines, inputs_length=512, targets_length=512, seed=1, n=1,
+                   noise_density=0.5)
+    vocab = vocabularies.sentencepiece(extra_ids=128)
+    features = {"inputs": seqio.Feature(vocab), "targets": seqio.Feature(vocab)}
+    examples = _corrupted(lines, inputs_length=512, targets_length=512, seed=1, n=10,
+                          noise_density=0.5, features=features)
+    for ex in examples:
+        tokens, mask = _uncorrupt(ex["inputs"], ex["targets"], vocab)
+        assert len(tokens) == 766 and mask.sum() == 383
+        assert len(ex["inputs"]) == 512 and len(ex["targets"]) == 512
+
+
 def test_t5_reference_lengths():
     assert P.span_corruption_lengths(inputs_length=512) == (568, 114)
     assert P.span_corruption_lengths(inputs_length=128) == (141, 29)
@@ -37,21 +96,23 @@ def test_t5_reference_lengths():
         P.span_corruption_lengths(inputs_length=4)
 
 
-def _uncorrupt(inputs, targets):
+def _uncorrupt(inputs, targets, vocab=VOCAB):
     """Rebuilds (tokens, noise_mask) from one example; checks sentinel order on the way."""
+    first_sentinel = vocab.vocab_size - 1
+    is_sentinel = lambda t: t > first_sentinel - vocab.extra_ids
     inputs, targets = list(inputs), list(targets)
     assert inputs[-1] == 1 and targets[-1] == 1  # EOS appended
     inputs, targets = inputs[:-1], targets[:-1]
     spans, current = {}, None
     for t in targets:
-        if t > FIRST_SENTINEL - 100:
+        if is_sentinel(t):
             assert t not in spans
             spans[t], current = [], t
         else:
             assert current is not None, "targets must start with a sentinel"
             spans[current].append(t)
-    sentinels_in = [t for t in inputs if t > FIRST_SENTINEL - 100]
-    expected = list(range(FIRST_SENTINEL, FIRST_SENTINEL - len(sentinels_in), -1))
+    sentinels_in = [t for t in inputs if is_sentinel(t)]
+    expected = list(range(first_sentinel, first_sentinel - len(sentinels_in), -1))
     assert sentinels_in == expected == list(spans)  # descending from the top, same order
     tokens, mask = [], []
     for t in inputs:
@@ -65,11 +126,12 @@ def _uncorrupt(inputs, targets):
     return np.array(tokens), np.array(mask)
 
 
-def _corrupted(lines, *, inputs_length, targets_length, seed, n):
+def _corrupted(lines, *, inputs_length, targets_length, seed, n, features=FEATURES,
+               **objective):
     ds = tf.data.Dataset.from_tensor_slices(lines)
     with seqio.utils.map_seed_manager(seed):
         ds = P.span_corruption(ds, {"inputs": inputs_length, "targets": targets_length},
-                               FEATURES)
+                               features, **objective)
     return list(ds.take(n).as_numpy_iterator())
 
 

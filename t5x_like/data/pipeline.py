@@ -327,15 +327,27 @@ class SeqioDataSource:
         options.threading.private_threadpool_size = self.threads
         return ds.with_options(options).prefetch(self.prefetch_batches)
 
-    def _identity(self, *, per_host_batch_size: int, shard_index: int,
-                  num_shards: int) -> dict[str, Any]:
-        """What a saved position must match to be applied (speed settings aside)."""
+    def stream_identity(self) -> dict[str, Any]:
+        """What defines this source's stream of examples: every setting but the speed
+        ones (threads, prefetch). train() records it in each checkpoint and warns when a
+        resumed run's differs; `seed` here, not the run's init seed, seeds the stream."""
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                     if f.name not in ("threads", "prefetch_batches")}
         settings["task_feature_lengths"] = dict(self.task_feature_lengths)
-        identity = {**settings, "per_host_batch_size": per_host_batch_size,
-                    "shard_index": shard_index, "num_shards": num_shards}
-        return json.loads(json.dumps(identity, sort_keys=True))  # as a header reads back
+        return json.loads(json.dumps(settings, sort_keys=True))  # as JSON reads back
+
+    def vocabulary_size(self) -> int:
+        """Ids of the largest vocabulary among the tasks' features, sentinels (extra
+        ids) included: the model's vocab_size must cover it."""
+        provider = _lookup(self.mixture_or_task_name)
+        return max(feature.vocabulary.vocab_size for task in _tasks_of(provider)
+                   for feature in task.output_features.values())
+
+    def _identity(self, *, per_host_batch_size: int, shard_index: int,
+                  num_shards: int) -> dict[str, Any]:
+        """What a saved position must match to be applied (speed settings aside)."""
+        return {**self.stream_identity(), "per_host_batch_size": per_host_batch_size,
+                "shard_index": shard_index, "num_shards": num_shards}
 
     def iterator(self, *, per_host_batch_size: int, shard_index: int, num_shards: int,
                  start_step: int, position: bytes | None = None) -> ShardIterator:

@@ -94,7 +94,12 @@ def span_corruption_lengths(*, inputs_length: int,
 
     tokens_length is the largest number of raw tokens whose corrupted inputs plus EOS
     fit in `inputs_length`; targets_length is the matching noise tokens + sentinels +
-    EOS. Example: inputs_length=512 -> (568, 114).
+    EOS. Example: inputs_length=512 -> (568, 114). These are T5's numbers
+    (`random_spans_helper`) at every density, its density-0.5 adjustment included
+    (below), except for tiny chunks where T5's helper counts 0 noise tokens or spans
+    but its noise mask (and ours) forces at least 1 of each: there we count what the
+    mask produces (e.g. inputs 11 at density 0.05: T5 says 11 tokens/2 targets, whose
+    corrupted inputs would be 12 long; we give 10/3).
 
     The search is a linear scan: growing a chunk by one token grows its corrupted
     inputs by 0 or 1 (one more non-noise token, or one more noise token that may or
@@ -117,6 +122,13 @@ def span_corruption_lengths(*, inputs_length: int,
         tokens_length += 1
     _, targets_length = _corrupted_lengths(tokens_length, noise_density,
                                            mean_noise_span_length)
+    # T5's adjustment (random_spans_helper): at density 0.5 an odd chunk whose extra
+    # noise token would make the targets one longer than the inputs loses that token,
+    # so targets can be as long as inputs (512 -> 766 tokens, 512/512 rather than
+    # 767 tokens, 512/513). The shorter chunk's corrupted lengths are at most these.
+    if noise_density == 0.5 and targets_length > inputs_length:
+        tokens_length -= 1
+        targets_length -= 1
     return tokens_length, targets_length
 
 
@@ -364,12 +376,24 @@ def span_corruption(dataset: tf.data.Dataset, sequence_length: Mapping[str, int]
             fix=f"set the targets length to at least {targets_length} "
             "(TASK_FEATURE_LENGTHS)")
 
+    vocabulary = output_features["targets"].vocabulary
+    _, max_spans = _noise_counts(tokens_length, noise_density, mean_noise_span_length)
+    sentinels = getattr(vocabulary, "extra_ids", None)
+    if sentinels is not None and max_spans > sentinels:
+        raise errors.ConfigError(
+            f"span corruption at inputs length {sequence_length['inputs']}, noise density "
+            f"{noise_density} and mean span {mean_noise_span_length} makes {max_spans} noise "
+            f"spans per example, but the vocabulary has only {sentinels} sentinel ids "
+            "(extra_ids): the others would reuse ordinary tokens",
+            fix=f"use a vocabulary with extra_ids >= {max_spans} "
+            "(vocabularies.sentencepiece(extra_ids=...)) or a longer mean_noise_span_length")
+
     dataset = _ensure_tokens(dataset, output_features, objective="span_corruption")
     dataset = concatenate_and_split(dataset, length=tokens_length, key="targets")
     # A finite stream can end in a 1-token chunk, which has no room for noise.
     dataset = dataset.filter(lambda ex: tf.size(ex["targets"]) >= 2)
     dataset = _corrupt_chunks(
-        dataset, first_sentinel=output_features["targets"].vocabulary.vocab_size - 1,
+        dataset, first_sentinel=vocabulary.vocab_size - 1,
         noise_density=noise_density, mean_noise_span_length=mean_noise_span_length,
         key="targets")
     return append_eos(dataset, output_features)

@@ -46,6 +46,13 @@ class _StepSource:
     def check(self, *, shard_index: int, num_shards: int) -> None:
         """Every shard of a synthetic source yields batches: nothing can be wrong."""
 
+    def stream_identity(self) -> dict:
+        """The source's kind and settings: they define its batches."""
+        return {"source": type(self).__name__, **dataclasses.asdict(self)}
+
+    def vocabulary_size(self) -> int:
+        return self.vocab_size
+
     def iterator(self, *, per_host_batch_size: int, shard_index: int, num_shards: int,
                  start_step: int, position: bytes | None = None) -> StepIterator:
         del num_shards  # every shard draws from its own stream

@@ -32,8 +32,20 @@ _LAYER_TENSORS = (
 )
 
 
-def config_from_hf(hf: dict[str, Any], **overrides) -> decoder.DecoderConfig:
-    """Our config from a LlamaConfig dict; `overrides` set dtype, scan_layers, etc."""
+def _token_ids(hf: dict[str, Any], generation: dict[str, Any]) -> dict[str, Any]:
+    """bos/eos/pad ids: generation_config.json's where it has them (what `generate`
+    stops on), else config.json's; a list of eos ids becomes a tuple."""
+    ids = {}
+    for key in ('bos_token_id', 'eos_token_id', 'pad_token_id'):
+        value = generation.get(key, hf.get(key))
+        ids[key] = tuple(value) if isinstance(value, list) else value
+    return ids
+
+
+def config_from_hf(hf: dict[str, Any], *, generation: dict[str, Any] | None = None,
+                   **overrides) -> decoder.DecoderConfig:
+    """Our config from a LlamaConfig dict (and its generation_config.json, if any);
+    `overrides` set dtype, scan_layers, etc."""
     if hf.get('attention_bias') or hf.get('mlp_bias'):
         raise ValueError('Llama checkpoints with attention/MLP biases are not supported.')
     if hf.get('hidden_act', 'silu') != 'silu':
@@ -63,13 +75,28 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> decoder.DecoderConfig:
         rope_theta=float(theta),
         tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
         norm_epsilon=float(hf.get('rms_norm_eps', 1e-6)),
+        max_position_embeddings=hf.get('max_position_embeddings'),
+        **_token_ids(hf, generation or {}),
         **scaling,
     )
     fields.update(overrides)
     return decoder.DecoderConfig(**fields)
 
 
+def generation_config(cfg: decoder.DecoderConfig) -> dict[str, Any]:
+    """generation_config.json: the token ids `generate` starts, pads and stops with."""
+    eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id
+    ids = {'bos_token_id': cfg.bos_token_id, 'eos_token_id': eos,
+           'pad_token_id': cfg.pad_token_id}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
 def config_to_hf(cfg: decoder.DecoderConfig) -> dict[str, Any]:
+    if cfg.max_position_embeddings is None:
+        raise ValueError(
+            'max_position_embeddings is unknown for this model (it was not imported from '
+            'Hugging Face): set DecoderConfig.max_position_embeddings, e.g. to the '
+            'sequence length it was trained at, before exporting.')
     rope = {'rope_type': 'default', 'rope_theta': cfg.rope_theta}
     if cfg.rope_scaling_factor != 1.0:
         rope = {'rope_type': 'llama3', 'rope_theta': cfg.rope_theta,
@@ -86,8 +113,11 @@ def config_to_hf(cfg: decoder.DecoderConfig) -> dict[str, Any]:
         # Written both ways: transformers 5 reads rope_parameters, 4.x rope_theta/rope_scaling.
         'rope_parameters': rope, 'rope_theta': cfg.rope_theta,
         **({'rope_scaling': rope} if rope['rope_type'] != 'default' else {}),
-        'max_position_embeddings': max(cfg.rope_original_max_position, 2048),
-        'torch_dtype': 'float32', 'bos_token_id': 1, 'eos_token_id': 2,
+        'max_position_embeddings': cfg.max_position_embeddings,
+        'torch_dtype': 'float32',
+        # None written as null: transformers would otherwise fill in its defaults (1, 2).
+        'bos_token_id': cfg.bos_token_id, 'pad_token_id': cfg.pad_token_id,
+        'eos_token_id': generation_config(cfg).get('eos_token_id'),
     }
 
 
@@ -123,11 +153,8 @@ def _our_tensors(reader: safetensors_io.SafetensorsReader, cfg: decoder.DecoderC
     for hf_name, path, kind in _LAYER_TENSORS:
         per_layer = (_to_ours(reader.get(f'model.layers.{i}.{hf_name}'), kind, cfg)
                      for i in range(cfg.num_layers))
-        if cfg.scan_layers:
-            yield ('layers',) + path, np.stack(list(per_layer))
-        else:
-            for i, w in enumerate(per_layer):
-                yield (f'layers_{i}',) + path, w
+        yield from safetensors_io.layer_stack_tensors((), path, per_layer,
+                                                      scan_layers=cfg.scan_layers)
 
 
 def import_checkpoint(directory: str, *, shardings: Any = None, **config_overrides
@@ -140,14 +167,18 @@ def import_checkpoint(directory: str, *, shardings: Any = None, **config_overrid
     into its shards. Parameters are float32 whatever the checkpoint dtype.
     """
     reader = safetensors_io.SafetensorsReader(directory)
-    cfg = config_from_hf(safetensors_io.read_config(directory), **config_overrides)
+    cfg = config_from_hf(safetensors_io.read_config(directory),
+                         generation=safetensors_io.read_generation_config(directory),
+                         **config_overrides)
     params = safetensors_io.assemble(_our_tensors(reader, cfg), shardings=shardings)
     return cfg, params
 
 
 def export_checkpoint(params: Any, cfg: decoder.DecoderConfig, directory: str, *,
                       dtype=np.float32) -> None:
-    """Writes config.json + model.safetensors that LlamaForCausalLM.from_pretrained loads."""
+    """Writes config.json, generation_config.json and model.safetensors that
+    LlamaForCausalLM.from_pretrained loads (token ids and context length from `cfg`,
+    i.e. those of the imported source)."""
     params = nn.unbox(params)
     if cfg.scan_layers:
         params = layers.unscan_params(params, cfg.num_layers)
@@ -167,3 +198,4 @@ def export_checkpoint(params: Any, cfg: decoder.DecoderConfig, directory: str, *
     hf_config['torch_dtype'] = np.dtype(dtype).name
     safetensors_io.write_checkpoint(
         directory, hf_config, {k: v.astype(dtype) for k, v in tensors.items()})
+    safetensors_io.write_generation_config(directory, generation_config(cfg))

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 from flax import traverse_util
 
+from t5x_like.models import layers
+
 CONFIG_FILE = 'config.json'
+GENERATION_CONFIG_FILE = 'generation_config.json'
 SINGLE_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
 
@@ -69,6 +72,21 @@ def read_config(directory: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def read_generation_config(directory: str) -> dict[str, Any]:
+    """generation_config.json (the token ids `generate` uses), or {} if absent."""
+    path = os.path.join(directory, GENERATION_CONFIG_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_generation_config(directory: str, config: Mapping[str, Any]) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, GENERATION_CONFIG_FILE), 'w') as f:
+        json.dump(dict(config), f, indent=2, sort_keys=True)
+
+
 def write_checkpoint(directory: str, config: Mapping[str, Any],
                      tensors: Mapping[str, np.ndarray]) -> None:
     """config.json + model.safetensors (metadata format 'pt', as transformers expects)."""
@@ -112,6 +130,24 @@ def assemble(flat_arrays: Iterator[tuple[tuple[str, ...], np.ndarray]], *,
         if missing:
             raise KeyError(f'Checkpoint lacks parameters {sorted("/".join(p) for p in missing)}.')
     return traverse_util.unflatten_dict(out)
+
+
+def layer_stack_tensors(stack: tuple[str, ...], path: tuple[str, ...],
+                        per_layer: Iterable[np.ndarray], *, scan_layers: bool
+                        ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """One tensor of every layer of a stack, as `assemble` takes them.
+
+    Unscanned: `stack + ('layers_i',) + path` per layer. Scanned: one array at
+    `stack + ('layers',) + path`, stacked by `models.layers.scan_params` (the layout
+    `apply_stack(scan_layers=True)` creates), so at most one stacked tensor is on the
+    host at a time.
+    """
+    by_layer = {f'layers_{i}': array for i, array in enumerate(per_layer)}
+    if not scan_layers:
+        for name, array in by_layer.items():
+            yield stack + (name,) + path, array
+        return
+    yield stack + ('layers',) + path, layers.scan_params(by_layer, len(by_layer))['layers']
 
 
 def to_numpy_tree(params: Any) -> dict[tuple[str, ...], np.ndarray]:

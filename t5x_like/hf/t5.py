@@ -11,6 +11,9 @@ HF decides the scaling from config.json: `scale_decoder_outputs` if present
 (transformers 5), else `tie_word_embeddings` (default true). Any other mix
 (a scaled separate head, an unscaled tied one) imports exactly as an untied
 `logits_dense` with the scale folded into the kernel.
+
+Scanned configs (`scan_layers=True`) import each stack's per-layer tensors stacked on
+a leading 'layers' axis and export through `t5.unscan_params`, as hf/llama.py does.
 """
 
 from __future__ import annotations
@@ -42,31 +45,34 @@ _SUBLAYERS = {  # stack -> (HF attention, our attention, our norm) in block orde
 }
 
 
-def _layer_map(cfg: t5.T5Config) -> list[tuple[str, tuple[str, ...], str]]:
-    """(HF name, our path, kind) for every tensor but embeddings and lm_head."""
+def _stacks(cfg: t5.T5Config) -> tuple[tuple[str, int], ...]:
+    return (('encoder', cfg.num_encoder_layers), ('decoder', cfg.num_decoder_layers))
+
+
+def _layer_tensors(cfg: t5.T5Config, stack: str) -> list[tuple[str, tuple[str, ...], str]]:
+    """(HF name with `{i}` for the block index, our path inside the layer, kind) for
+    every tensor of one layer of `stack`."""
     out = []
-    for stack, n_layers in (('encoder', cfg.num_encoder_layers),
-                            ('decoder', cfg.num_decoder_layers)):
-        sublayers = _SUBLAYERS[stack]
-        for i in range(n_layers):
-            hf_block, ours = f'{stack}.block.{i}.layer', (stack, f'layers_{i}')
-            for j, (hf_attn, our_attn, norm) in enumerate(sublayers):
-                for hf_p, our_p, kind in _ATTENTION:
-                    out.append((f'{hf_block}.{j}.{hf_attn}.{hf_p}.weight',
-                                ours + (our_attn, our_p, 'kernel'), kind))
-                out.append((f'{hf_block}.{j}.layer_norm.weight', ours + (norm, 'scale'),
-                            'vector'))
-            j = len(sublayers)
-            for hf_p, our_p in _mlp_names(cfg):
-                out.append((f'{hf_block}.{j}.DenseReluDense.{hf_p}.weight',
-                            ours + ('mlp', our_p, 'kernel'), 'linear'))
-            out.append((f'{hf_block}.{j}.layer_norm.weight',
-                        ours + ('pre_mlp_layer_norm', 'scale'), 'vector'))
-        out.append((f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight',
-                    (stack, 'relpos_bias', 'rel_embedding'), 'vector'))
-        out.append((f'{stack}.final_layer_norm.weight', (stack, f'{stack}_norm', 'scale'),
-                    'vector'))
+    sublayers = _SUBLAYERS[stack]
+    hf_block = f'{stack}.block.{{i}}.layer'
+    for j, (hf_attn, our_attn, norm) in enumerate(sublayers):
+        for hf_p, our_p, kind in _ATTENTION:
+            out.append((f'{hf_block}.{j}.{hf_attn}.{hf_p}.weight', (our_attn, our_p, 'kernel'),
+                        kind))
+        out.append((f'{hf_block}.{j}.layer_norm.weight', (norm, 'scale'), 'vector'))
+    j = len(sublayers)
+    for hf_p, our_p in _mlp_names(cfg):
+        out.append((f'{hf_block}.{j}.DenseReluDense.{hf_p}.weight', ('mlp', our_p, 'kernel'),
+                    'linear'))
+    out.append((f'{hf_block}.{j}.layer_norm.weight', ('pre_mlp_layer_norm', 'scale'), 'vector'))
     return out
+
+
+def _stack_tensors(stack: str) -> list[tuple[str, tuple[str, ...], str]]:
+    """(HF name, our path, kind) of a stack's tensors outside its layers."""
+    return [(f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight',
+             (stack, 'relpos_bias', 'rel_embedding'), 'vector'),
+            (f'{stack}.final_layer_norm.weight', (stack, f'{stack}_norm', 'scale'), 'vector')]
 
 
 def _scales_decoder_output(hf: dict[str, Any]) -> bool:
@@ -130,15 +136,22 @@ def _our_tensors(reader, cfg, lm_head_kernel) -> Iterator[tuple[tuple[str, ...],
     yield ('token_embedder', 'embedding'), reader.get('shared.weight')
     if lm_head_kernel is not None:
         yield ('decoder', 'logits_dense', 'kernel'), lm_head_kernel
-    for hf_name, path, kind in _layer_map(cfg):
-        yield path, _to_ours(reader.get(hf_name), kind, cfg)
+    for stack, num_layers in _stacks(cfg):
+        for hf_name, path, kind in _layer_tensors(cfg, stack):
+            per_layer = (_to_ours(reader.get(hf_name.format(i=i)), kind, cfg)
+                         for i in range(num_layers))
+            yield from safetensors_io.layer_stack_tensors((stack,), path, per_layer,
+                                                          scan_layers=cfg.scan_layers)
+        for hf_name, path, kind in _stack_tensors(stack):
+            yield path, _to_ours(reader.get(hf_name), kind, cfg)
 
 
 def import_checkpoint(directory: str, *, shardings: Any = None, **config_overrides
                       ) -> tuple[t5.T5Config, dict[str, Any]]:
     """(config, params) from a T5ForConditionalGeneration safetensors directory.
 
-    See llama.import_checkpoint for `shardings` and `config_overrides`.
+    See llama.import_checkpoint for `shardings` and `config_overrides`;
+    `scan_layers=True` stacks each stack's layers on a leading 'layers' axis.
     """
     hf = safetensors_io.read_config(directory)
     reader = safetensors_io.SafetensorsReader(directory)
@@ -169,8 +182,13 @@ def export_checkpoint(params: Any, cfg: t5.T5Config, directory: str, *, dtype=np
         tensors['lm_head.weight'] = shared
     else:
         tensors['lm_head.weight'] = flat.pop(('decoder', 'logits_dense', 'kernel')).T
-    for hf_name, path, kind in _layer_map(cfg):
-        tensors[hf_name] = _to_hf(flat.pop(path), kind)
+    for stack, num_layers in _stacks(cfg):
+        for i in range(num_layers):
+            for hf_name, path, kind in _layer_tensors(cfg, stack):
+                tensors[hf_name.format(i=i)] = _to_hf(flat.pop((stack, f'layers_{i}') + path),
+                                                      kind)
+        for hf_name, path, kind in _stack_tensors(stack):
+            tensors[hf_name] = _to_hf(flat.pop(path), kind)
     if flat:
         raise ValueError(f'Parameters with no T5 counterpart: {sorted(flat)}')
     hf_config = config_to_hf(cfg)

@@ -63,6 +63,16 @@ class DecoderConfig:
     scan_layers: bool = False
     remat_policy: str = 'none'
     attention_impl: str = 'xla'
+    # Facts of the vocabulary and context the model was trained with, unused by the
+    # layers: Hugging Face import/export carries them (config.json and
+    # generation_config.json), and generation ends on `eos_token_id` (one id, or
+    # several as Llama-3's (128001, 128009)). Defaults: this project's vocabularies
+    # (PAD 0, EOS 1, no BOS; data/vocabularies.py); the context length is unknown
+    # unless imported.
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = 1
+    pad_token_id: int | None = 0
+    max_position_embeddings: int | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -227,6 +237,11 @@ class DecoderOnlyModel:
     @property
     def module(self) -> Decoder:
         return Decoder(config=self.config)
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model embeds and predicts; the data's must be below it."""
+        return self.config.vocab_size
 
     def init_lengths(self, feature_lengths: Mapping[str, int]) -> dict[str, int]:
         """The `init_params` lengths for batches with these (seqio) feature lengths."""

@@ -303,10 +303,16 @@ def apply_stack(layer_cls: type[nn.Module], x: Array, *broadcast: Any, num_layer
 
 
 def scan_params(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-    """One stack's unscanned tree (layers_0..layers_{N-1}) -> scanned ('layers')."""
+    """One stack's unscanned tree (layers_0..layers_{N-1}) -> scanned ('layers').
+
+    numpy in, numpy out: a Hugging Face import stacks each tensor on the host and
+    only then places it into its shards.
+    """
     out = {k: v for k, v in params.items() if not k.startswith('layers_')}
     per_layer = [params[f'layers_{i}'] for i in range(num_layers)]
-    out['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+    stack = lambda *xs: (np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs)
+                         else jnp.stack(xs))
+    out['layers'] = jax.tree.map(stack, *per_layer)
     return out
 
 

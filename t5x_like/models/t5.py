@@ -277,6 +277,11 @@ class EncoderDecoderModel:
     def module(self) -> Transformer:
         return Transformer(config=self.config)
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model embeds and predicts; the data's must be below it."""
+        return self.config.vocab_size
+
     def init_lengths(self, feature_lengths: Mapping[str, int]) -> dict[str, int]:
         """The `init_params` lengths for batches with these (seqio) feature lengths."""
         return {'encoder_length': feature_lengths['encoder_input_tokens'],
