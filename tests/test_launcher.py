@@ -4,6 +4,8 @@
 import re
 import shutil
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -144,3 +146,28 @@ def test_the_process_exits_1_printing_only_the_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert_one_line(proc.stderr.strip(), "train_steps is 'ten'")
+
+
+NON_DAEMON_THREAD_AND_AN_ERROR = r'''
+import threading, time
+from t5x_like import errors, launcher
+
+def main():
+    # What Orbax leaves behind after a failed write: a non-daemon thread that waits.
+    threading.Thread(target=time.sleep, args=(600,), name="writer").start()
+    with launcher.errors_reported(0):
+        raise errors.NotWritableError("writing step 10 failed", fix="free disk space")
+
+launcher.run_program(main)
+'''
+
+
+def test_an_error_exit_does_not_wait_for_library_threads():
+    """A failed checkpoint write left Orbax's non-daemon threads running, and the
+    interpreter waited for them after printing the error: the process never ended."""
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", NON_DAEMON_THREAD_AND_AN_ERROR], cwd=REPO,
+                          env=train_env(), capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - start < 60
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: writing step 10 failed — free disk space"
