@@ -12,14 +12,11 @@ the real jitted train step (AdamW, state donated) on synthetic batches
 target tokens/s and MFU against a peak measured here on a large matmul in the
 compute dtype (so MFU is "fraction of what this machine's matmul unit delivers").
 
-Model FLOPs per step (training = 3x forward; 2 FLOPs per multiply-add):
-- Decoder-only (MaxText's count, per token, causal attention counted once):
-    6*L*[(A+1)*E*M + 2*E*D*(Hq+Hkv) + S*Hq*D] + 6*E*V      (A = 2: gated MLP)
-- Encoder-decoder (ours), per sequence with encoder length Se, decoder Sd:
-    encoder tokens: 6*Le*[(A+1)*E*M + 4*E*H*D] + 12*Le*Se*H*D   (bidirectional)
-    decoder tokens: 6*Ld*[(A+1)*E*M + 8*E*H*D] + 6*Ld*Sd*H*D     (causal self)
-                    + 12*Ld*Se*H*D (cross-attention, full) + 6*E*V (logits)
-  i.e. projections count 2*E*H*D per q/k/v/o; embeddings lookups are free.
+Model FLOPs per step come from the models themselves
+(`model.training_flops_per_step`, see t5x_like/models/flop_count.py: the same count
+the training progress line uses). MFU is reported twice: against the matmul peak
+measured here (the practical ceiling) and against the device's nominal dense bf16
+peak (t5x_like/device_peaks.py; none on CPU).
 Prints a table; writes benchmarks/results/model_step.json.
 """
 
@@ -37,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from t5x_like import optimizers, partitioning, trainer
+from t5x_like import device_peaks, optimizers, partitioning, trainer
 from t5x_like.data import synthetic
-from t5x_like.models import decoder, t5
+from t5x_like.models import decoder
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / 'benchmarks' / 'results' / 'model_step.json'
@@ -60,27 +57,6 @@ PRESETS = {
         ('t5_1_1_base', 64, 114, 512, ["t5.T5Config.dtype = 'bfloat16'"]),
     ],
 }
-
-
-def decoder_flops_per_token(cfg: decoder.DecoderConfig, seq_len: int) -> float:
-    layer = (3 * cfg.emb_dim * cfg.mlp_dim
-             + 2 * cfg.emb_dim * cfg.head_dim * (cfg.num_heads + cfg.num_kv_heads)
-             + seq_len * cfg.num_heads * cfg.head_dim)
-    return 6.0 * cfg.num_layers * layer + 6.0 * cfg.emb_dim * cfg.vocab_size
-
-
-def encdec_flops_per_sequence(cfg: t5.T5Config, enc_len: int, dec_len: int) -> float:
-    a_plus_1 = 3 if cfg.mlp_activation == 'gated-gelu' else 2
-    ehd = cfg.emb_dim * cfg.num_heads * cfg.head_dim
-    hd = cfg.num_heads * cfg.head_dim
-    mlp = a_plus_1 * cfg.emb_dim * cfg.mlp_dim
-    enc = enc_len * (6 * cfg.num_encoder_layers * (mlp + 4 * ehd)
-                     + 12 * cfg.num_encoder_layers * enc_len * hd)
-    dec = dec_len * (6 * cfg.num_decoder_layers * (mlp + 8 * ehd)
-                     + 6 * cfg.num_decoder_layers * dec_len * hd
-                     + 12 * cfg.num_decoder_layers * enc_len * hd
-                     + 6 * cfg.emb_dim * cfg.vocab_size)
-    return float(enc + dec)
 
 
 def measured_peak_flops(dtype) -> float:
@@ -111,14 +87,13 @@ def run_row(name, batch, dec_len, enc_len, bindings, *, steps, peaks):
     if isinstance(model, decoder.DecoderOnlyModel):
         source = synthetic.SyntheticDecoderSource(decoder_length=dec_len, vocab_size=cfg.vocab_size,
                                                        pack_segments=2)
-        flops_per_step = batch * dec_len * decoder_flops_per_token(cfg, dec_len)
     else:
         source = synthetic.SyntheticEncDecSource(encoder_length=enc_len, decoder_length=dec_len,
                                                       vocab_size=cfg.vocab_size)
-        flops_per_step = batch * encdec_flops_per_sequence(cfg, enc_len, dec_len)
     part = partitioning.Partitioner()
     opt = optimizers.adamw(learning_rate=optax.constant_schedule(1e-4))
     lengths = source.model_feature_lengths()
+    flops_per_step = model.training_flops_per_step(feature_lengths=lengths, batch_size=batch)
     layout = trainer.state_layout(model=model, optimizer=opt, partitioner=part, feature_lengths=lengths)
     state = trainer.init_train_state(model=model, optimizer=opt, partitioner=part,
                                      feature_lengths=lengths, seed=0, layout=layout)
@@ -139,6 +114,7 @@ def run_row(name, batch, dec_len, enc_len, bindings, *, steps, peaks):
     step_s = float(np.median(times))
     dtype = cfg.dtype
     peak = peaks.setdefault(dtype, measured_peak_flops(jnp.dtype(dtype)))
+    nominal = device_peaks.peak_bf16_flops(jax.devices()[0].device_kind)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layout.abstract.params))
     variant = ', '.join(b.split('.')[-1].replace(' ', '') for b in bindings) or 'default'
     return {
@@ -148,7 +124,10 @@ def run_row(name, batch, dec_len, enc_len, bindings, *, steps, peaks):
         'target_tokens_per_s': batch * dec_len / step_s,
         'model_tflops_per_step': flops_per_step / 1e12,
         'peak_tflops_measured': peak / 1e12,
-        'mfu': flops_per_step / step_s / peak,
+        'mfu': flops_per_step / step_s / jax.device_count() / peak,
+        'nominal_peak_tflops': (nominal or 0.0) / 1e12,
+        'mfu_vs_nominal_peak': (flops_per_step / step_s / jax.device_count() / nominal
+                                if nominal else None),
         'loss': float(metrics['loss']),
     }
 
@@ -172,11 +151,13 @@ def main():
     peaks, results = {}, []
     for row in rows:
         results.append(run_row(*row, steps=args.steps, peaks=peaks))
-    header = f"{'model':<22}{'variant':<40}{'params':>12}{'compile s':>10}{'step ms':>10}{'tok/s':>11}{'MFU':>7}"
+    header = (f"{'model':<22}{'variant':<40}{'params':>12}{'compile s':>10}{'step ms':>10}"
+              f"{'tok/s':>11}{'MFU meas.':>10}{'MFU nominal':>12}")
     print(header)
     for r in results:
         print(f"{r['model']:<22}{r['variant'][:39]:<40}{r['params']:>12,}{r['compile_s']:>10.1f}"
-              f"{r['step_s'] * 1e3:>10.1f}{r['target_tokens_per_s']:>11,.0f}{r['mfu']:>7.1%}")
+              f"{r['step_s'] * 1e3:>10.1f}{r['target_tokens_per_s']:>11,.0f}{r['mfu']:>10.1%}"
+              + (f"{r['mfu_vs_nominal_peak']:>12.1%}" if r['mfu_vs_nominal_peak'] else f"{'-':>12}"))
     print('measured matmul peak (TFLOP/s):', {k: round(v / 1e12, 3) for k, v in peaks.items()})
     out = {'host': platform.node(), 'backend': jax.default_backend(),
            'devices': [str(d) for d in jax.devices()], 'jax': jax.__version__, 'rows': results}

@@ -78,7 +78,11 @@ class FitReport:
     temp_bytes: int = 0
     code_bytes: int = 0
     peak_bytes: int = 0
-    flops_per_device: float = 0.0  # per step, from the compiled cost analysis
+    # Per step and device: the model's analytic count (models/flop_count.py, what MFU
+    # uses), and XLA's cost analysis of the compiled step, which counts a scanned
+    # layer stack's body once rather than once per layer.
+    model_flops_per_device: float = 0.0
+    flops_per_device: float = 0.0
     peak_flops_per_device: float = 0.0
     compile_seconds: float = 0.0
     fits: bool = False
@@ -90,7 +94,7 @@ class FitReport:
         """The step time at 100% of the chip's peak FLOP/s: a floor, not a forecast."""
         if not self.peak_flops_per_device:
             return float("nan")
-        return self.flops_per_device / self.peak_flops_per_device
+        return self.model_flops_per_device / self.peak_flops_per_device
 
     def summary(self) -> str:
         g = lambda b: f"{b / GiB:8.2f} GiB"
@@ -114,9 +118,10 @@ class FitReport:
             "gathered weights)",
             f"  code               {g(self.code_bytes)}",
             f"  peak               {g(self.peak_bytes)}  of {g(self.hbm_bytes)} HBM",
-            f"FLOPs per step: {self.flops_per_device:.3e} per device, "
-            f"{self.flops_per_device * self.num_devices:.3e} in all; at peak FLOP/s a step "
-            f"takes >= {1e3 * self.step_seconds_at_peak:.1f} ms",
+            f"model FLOPs per step: {self.model_flops_per_device:.3e} per device, "
+            f"{self.model_flops_per_device * self.num_devices:.3e} in all; at peak FLOP/s "
+            f"a step takes >= {1e3 * self.step_seconds_at_peak:.1f} ms (XLA's count: "
+            f"{self.flops_per_device:.3e} per device)",
             verdict])
 
     def as_dict(self) -> dict[str, Any]:
@@ -163,6 +168,8 @@ def check_fit(run: run_config.RunConfig, *, devices: Sequence[Any], num_slices: 
         batch_per_data_shard=run.batch_size // partitioner.data_shards,
         num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(layout.abstract.params)),
         hbm_bytes=hbm_bytes, peak_flops_per_device=peak_flops_per_device,
+        model_flops_per_device=run.model.training_flops_per_step(
+            feature_lengths=feature_lengths, batch_size=run.batch_size) / num_devices,
         params_bytes=per_device_bytes(state.params),
         opt_state_bytes=per_device_bytes(state.opt_state) + per_device_bytes(state.step),
         batch_bytes=per_device_bytes(batch))

@@ -143,14 +143,22 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Throughput and ETA between log points, measured on the host's wall clock.
+    """Throughput, model FLOP/s, MFU and ETA between log points, on the host's wall clock.
 
     The first interval includes compilation, so it is reported but the ETA uses
-    the most recent interval, which reflects the steady state.
+    the most recent interval, which reflects the steady state. Rates are per device
+    as well as in total, so runs on different numbers of chips compare directly.
+    `flops_per_step` is the model's analytic count (models/flop_count.py) for the
+    global batch; MFU needs the device's peak (device_peaks.py) and is left out
+    when none is known.
     """
 
-    def __init__(self, *, total_steps: int, start_step: int):
+    def __init__(self, *, total_steps: int, start_step: int, num_devices: int = 1,
+                 flops_per_step: float = 0.0, peak_flops_per_device: float | None = None):
         self.total_steps = total_steps
+        self.num_devices = num_devices
+        self.flops_per_step = flops_per_step
+        self.peak_flops_per_device = peak_flops_per_device
         self._last_step = start_step
         self._last_time = time.perf_counter()
         self._tokens = 0
@@ -162,15 +170,23 @@ class Progress:
         now = time.perf_counter()
         steps = max(step - self._last_step, 1)
         elapsed = max(now - self._last_time, 1e-9)
+        flops_per_device = self.flops_per_step * steps / elapsed / self.num_devices
         rates = {"step_time_s": elapsed / steps,
                  "tokens_per_sec": self._tokens / elapsed,
+                 "tokens_per_sec_per_device": self._tokens / elapsed / self.num_devices,
+                 "tflops_per_device": flops_per_device / 1e12,
                  "eta_s": (self.total_steps - step) * elapsed / steps}
+        if self.peak_flops_per_device:
+            rates["mfu"] = flops_per_device / self.peak_flops_per_device
         self._last_step, self._last_time, self._tokens = step, now, 0
         return rates
 
     def line(self, step: int, metrics: Mapping[str, float], rates: Mapping[str, float]) -> str:
         width = len(str(self.total_steps))
+        mfu = f" | MFU {rates['mfu']:.1%}" if "mfu" in rates else ""
         return (f"step {step:>{width}}/{self.total_steps} | loss {metrics['loss']:.4f} | "
                 f"acc {metrics['accuracy']:.3f} | lr {metrics['learning_rate']:.2e} | "
-                f"{rates['tokens_per_sec']:,.0f} tok/s | {rates['step_time_s']:.3f} s/step | "
-                f"ETA {format_duration(rates['eta_s'])}")
+                f"{rates['tokens_per_sec']:,.0f} tok/s | "
+                f"{rates['tokens_per_sec_per_device']:,.0f} tok/s/device | "
+                f"{rates['tflops_per_device']:.3g} TFLOP/s/device{mfu} | "
+                f"{rates['step_time_s']:.3f} s/step | ETA {format_duration(rates['eta_s'])}")

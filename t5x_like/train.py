@@ -25,8 +25,9 @@ from typing import Any, Literal, Protocol
 import gin
 import jax
 
-from t5x_like import (argument_types, checkpoints, errors, metrics as metrics_lib,
-                      param_table, partitioning, preemption, trainer)
+from t5x_like import (argument_types, checkpoints, device_peaks, errors,
+                      metrics as metrics_lib, param_table, partitioning, preemption,
+                      trainer)
 from t5x_like.data import host_batches
 from t5x_like.run_config import RunConfig
 
@@ -88,7 +89,8 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
           init_from: checkpoints.InitFrom | None = None,
           on_nonfinite_loss: Literal["halt", "skip_update"] = "halt",
           max_consecutive_skipped_steps: int = 10,
-          log_every_steps: int = 10) -> TrainResult:
+          log_every_steps: int = 10,
+          peak_flops_per_device: float | None = None) -> TrainResult:
     """Trains `run.model` on `run.train_data` until `train_steps`, resuming if possible.
 
     Args:
@@ -108,6 +110,8 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
       log_every_steps: the progress line and TensorBoard show, every this many steps
         (and at the last), the metrics averaged over the steps since the previous
         multiple (metrics.IntervalMeans: loss and accuracy weighted by target tokens).
+      peak_flops_per_device: the FLOP/s that MFU is measured against; default: the
+        device's dense bf16 peak from device_peaks.py (none on CPU: no MFU shown).
     """
     # ----------------------------------------------------------- checks, before any work
     argument_types.check(train, dict(locals()))   # locals() holds exactly the arguments
@@ -181,7 +185,12 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
     train_step = run.jitted_train_step(partitioner, layout, feature_lengths)
     writer = metrics_lib.TensorBoardWriter(logdir=os.path.join(model_dir, "train")) \
         if is_lead_host else None
-    progress = metrics_lib.Progress(total_steps=train_steps, start_step=start_step)
+    progress = metrics_lib.Progress(
+        total_steps=train_steps, start_step=start_step, num_devices=jax.device_count(),
+        flops_per_step=model.training_flops_per_step(feature_lengths=feature_lengths,
+                                                     batch_size=batch_size),
+        peak_flops_per_device=(peak_flops_per_device or
+                               device_peaks.peak_bf16_flops(jax.devices()[0].device_kind)))
     guard = _NonFiniteGuard(policy=on_nonfinite_loss, checkpointer=checkpointer,
                             max_consecutive=max_consecutive_skipped_steps)
     # Logged values average the steps since the last multiple of log_every_steps; an

@@ -43,6 +43,10 @@ class Model(Protocol):
     def init_params(self, rng: jax.Array, *, batch_size: int, **lengths: int) -> Any:
         """Boxed (logically partitioned) parameters for dummy inputs of these shapes."""
 
+    def training_flops_per_step(self, *, feature_lengths: Mapping[str, int],
+                                batch_size: int) -> float:
+        """Analytic model FLOPs of one training step (models/flop_count.py): MFU."""
+
     def count_real_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
         """Non-padding tokens in a host batch (the throughput the progress line shows)."""
 

@@ -53,6 +53,12 @@ def test_tiny_config_fits_a_small_slice_with_exact_state_bytes():
     assert report.num_params * 4 / 4 <= report.params_bytes < report.num_params * 4 / 2
     assert 0 < report.temp_bytes < report.peak_bytes < report.hbm_bytes
     assert report.flops_per_device > 0
+    # The analytic count is the model's own, split over the 4 devices.
+    run, lengths = aot.run_from_gin(gin_files=TINY + ["configs/partitioning/fsdp.gin"],
+                                    batch_size=8)
+    assert report.model_flops_per_device == pytest.approx(
+        run.model.training_flops_per_step(feature_lengths=lengths or run.feature_lengths(),
+                                          batch_size=8) / 4)
     assert "FITS" in report.summary()
 
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_like.models import attention, layers, losses
+from t5x_like.models import attention, flop_count, layers, losses
 
 Array = jax.Array
 
@@ -88,6 +88,26 @@ class DecoderConfig:
     @property
     def compute_dtype(self) -> Any:
         return jnp.dtype(self.dtype)
+
+    def training_flops_per_sequence(self, *, decoder_length: int,
+                                    causal_at_half: bool = True) -> float:
+        """Model FLOPs to train on one row of `decoder_length` tokens; see flop_count.
+
+        Per token and layer: q/o projections over `num_heads`, k/v over
+        `num_kv_heads`, causal self-attention over the row, the gated-SiLU MLP; plus
+        the logits once per token. Per token this is MaxText's
+        6*L*[3*E*M + 2*E*D*(Hq+Hkv) + S*Hq*D] + 6*E*V.
+        """
+        e, d = self.emb_dim, self.head_dim
+        layer = (flop_count.projections(emb_dim=e, head_dim=d, query_heads=self.num_heads,
+                                        kv_heads=self.num_kv_heads)
+                 + flop_count.mlp(emb_dim=e, mlp_dim=self.mlp_dim, activation='gated-silu')
+                 + flop_count.attention(key_length=decoder_length, head_dim=d,
+                                        query_heads=self.num_heads, causal=True,
+                                        causal_at_half=causal_at_half))
+        token = self.num_layers * layer + flop_count.logits(emb_dim=e,
+                                                            vocab_size=self.vocab_size)
+        return float(flop_count.TRAINING_MULTIPLIER * decoder_length * token)
 
 
 def rope_inverse_frequencies(config: DecoderConfig) -> np.ndarray:
@@ -246,6 +266,12 @@ class DecoderOnlyModel:
     def init_lengths(self, feature_lengths: Mapping[str, int]) -> dict[str, int]:
         """The `init_params` lengths for batches with these (seqio) feature lengths."""
         return {'decoder_length': feature_lengths['decoder_target_tokens']}
+
+    def training_flops_per_step(self, *, feature_lengths: Mapping[str, int],
+                                batch_size: int) -> float:
+        """Model FLOPs of one training step on `batch_size` rows (the MFU numerator)."""
+        return batch_size * self.config.training_flops_per_sequence(
+            **self.init_lengths(feature_lengths))
 
     def count_real_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
         """Non-padding target tokens in a host batch (prefix LM: the prefix too)."""

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_like.models import attention, layers, losses, t5_layers
+from t5x_like.models import attention, flop_count, layers, losses, t5_layers
 
 Array = jax.Array
 
@@ -59,6 +59,37 @@ class T5Config:
     @property
     def compute_dtype(self) -> Any:
         return jnp.dtype(self.dtype)
+
+    def training_flops_per_sequence(self, *, encoder_length: int, decoder_length: int,
+                                    causal_at_half: bool = True) -> float:
+        """Model FLOPs to train on one (encoder, decoder) row pair; see flop_count.
+
+        Per encoder token and encoder layer: q/k/v/o projections, bidirectional
+        self-attention over `encoder_length`, the MLP. Per decoder token and decoder
+        layer: self-attention projections and causal self-attention over
+        `decoder_length`, cross-attention q and output projections and full attention
+        over `encoder_length`, the MLP; plus the logits once per decoder token. The
+        cross-attention k/v projections read the encoder's output, so they are
+        counted per encoder token, once per decoder layer.
+        """
+        e, h, d = self.emb_dim, self.num_heads, self.head_dim
+        mlp = flop_count.mlp(emb_dim=e, mlp_dim=self.mlp_dim, activation=self.mlp_activation)
+        qkvo = flop_count.projections(emb_dim=e, head_dim=d, query_heads=h, kv_heads=h)
+        cross_q_o = flop_count.projections(emb_dim=e, head_dim=d, query_heads=h, kv_heads=0)
+        cross_k_v = qkvo - cross_q_o
+        encoder_token = self.num_encoder_layers * (
+            qkvo + mlp + flop_count.attention(key_length=encoder_length, head_dim=d,
+                                              query_heads=h, causal=False))
+        decoder_token = self.num_decoder_layers * (
+            qkvo + cross_q_o + mlp
+            + flop_count.attention(key_length=decoder_length, head_dim=d, query_heads=h,
+                                   causal=True, causal_at_half=causal_at_half)
+            + flop_count.attention(key_length=encoder_length, head_dim=d, query_heads=h,
+                                   causal=False)
+        ) + flop_count.logits(emb_dim=e, vocab_size=self.vocab_size)
+        forward = (encoder_length * (encoder_token + self.num_decoder_layers * cross_k_v)
+                   + decoder_length * decoder_token)
+        return float(flop_count.TRAINING_MULTIPLIER * forward)
 
 
 def _segments_or_nonpad(segment_ids_BxL: Array | None, tokens_BxL: Array) -> Array:
@@ -286,6 +317,12 @@ class EncoderDecoderModel:
         """The `init_params` lengths for batches with these (seqio) feature lengths."""
         return {'encoder_length': feature_lengths['encoder_input_tokens'],
                 'decoder_length': feature_lengths['decoder_target_tokens']}
+
+    def training_flops_per_step(self, *, feature_lengths: Mapping[str, int],
+                                batch_size: int) -> float:
+        """Model FLOPs of one training step on `batch_size` rows (the MFU numerator)."""
+        return batch_size * self.config.training_flops_per_sequence(
+            **self.init_lengths(feature_lengths))
 
     def count_real_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
         """Non-padding tokens in a host batch: encoder inputs plus decoder targets."""
