@@ -66,7 +66,7 @@ CONVERTERS: dict[str, Converter] = {
 def get(name: str) -> Converter:
     if name not in CONVERTERS:
         raise errors.ConfigError(f"feature_converter {name!r} is not supported",
-                                 fix=f"choose one of {sorted(CONVERTERS)}")
+                                 fix=f"choose from {sorted(CONVERTERS)}")
     return CONVERTERS[name]
 
 
