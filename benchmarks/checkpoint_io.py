@@ -9,13 +9,19 @@ In one run:
      async save until complete, and restore onto the same shardings -> GB/s, plus
      how long `save()` blocks the caller (the device->host copy);
   3. the train loop: step time of the CPU default model with no save in flight vs
-     the steps that start a save and run while it is written.
+     the steps that start a save and run while it is written;
+  4. the integrity check's cost (integrity.py): save+restore round trips with the
+     fingerprints (as shipped) and without them (fingerprinting and verification
+     switched off in this process only), interleaved `--integrity_repeats` times so
+     that load from other jobs falls on both alike -> median GB/s of each, and the
+     fingerprint pass alone.
 Prints a table and writes benchmarks/results/checkpoint_io.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -31,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from t5x_like import checkpoints, optimizers, partitioning, trainer  # noqa: E402
+from t5x_like import checkpoints, integrity, optimizers, partitioning, trainer  # noqa: E402
 from t5x_like.data import synthetic  # noqa: E402
 from t5x_like.models import t5  # noqa: E402
 
@@ -91,6 +97,43 @@ def orbax_roundtrip(directory, state):
     return blocking_s, save_s, restore_s
 
 
+@contextlib.contextmanager
+def integrity_switched_off():
+    """Checkpoints without fingerprints: nothing computed at save, nothing verified at
+    restore (the baseline the integrity check is measured against)."""
+    fingerprints, verify = integrity.fingerprints, checkpoints.Checkpointer._verify
+    integrity.fingerprints = lambda arrays: {}
+    checkpoints.Checkpointer._verify = lambda self, step, state: None
+    try:
+        yield
+    finally:
+        integrity.fingerprints, checkpoints.Checkpointer._verify = fingerprints, verify
+
+
+def integrity_cost(directory, state, repeats):
+    """Round trips with and without the fingerprints, interleaved; the medians."""
+    runs = {"with": [], "without": []}
+    for i in range(repeats):
+        for variant in ("without", "with") if i % 2 else ("with", "without"):
+            path = os.path.join(directory, f"{variant}_{i}")
+            with integrity_switched_off() if variant == "without" else contextlib.nullcontext():
+                runs[variant].append(orbax_roundtrip(path, state))
+            shutil.rmtree(path, ignore_errors=True)
+    fingerprint_s = []
+    flat = checkpoints.flatten_with_paths(state)
+    integrity.fingerprints(flat)                        # compile, not measured
+    for _ in range(repeats):
+        start = time.perf_counter()
+        integrity.fingerprints(flat)
+        fingerprint_s.append(time.perf_counter() - start)
+    return {variant: {"save_s": [r[1] for r in rs], "restore_s": [r[2] for r in rs],
+                      "median_save_s": float(np.median([r[1] for r in rs])),
+                      "median_restore_s": float(np.median([r[2] for r in rs]))}
+            for variant, rs in runs.items()} | {
+                "fingerprint_s": fingerprint_s,
+                "median_fingerprint_s": float(np.median(fingerprint_s))}
+
+
 def async_overhead(directory, steps=12, save_at=4):
     """Step times of the CPU default model, with one async save started at `save_at`."""
     config = t5.T5Config(vocab_size=8192, emb_dim=256, num_heads=4, head_dim=64, mlp_dim=1024,
@@ -139,6 +182,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--gigabytes", type=float, default=1.0)
     parser.add_argument("--dir", default=None, help="Where to write (default: a temp dir).")
+    parser.add_argument("--integrity_repeats", type=int, default=5,
+                        help="interleaved round trips with and without fingerprints")
+    parser.add_argument("--only_integrity", action="store_true",
+                        help="measure only the integrity check's cost (section 4)")
     args = parser.parse_args()
     root = tempfile.mkdtemp(dir=args.dir)
     mesh = partitioning.make_mesh(data=1, fsdp=8, model=1)
@@ -150,10 +197,18 @@ def main():
         NamedSharding(mesh, P("fsdp", None))) for i in range(n_arrays)}
     host_arrays = [np.asarray(x) for x in state.values()]
     nbytes = sum(a.nbytes for a in host_arrays)
+    if args.only_integrity:
+        try:
+            cost = integrity_cost(root, state, args.integrity_repeats)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        report_integrity(cost, nbytes)
+        return
     try:
         write_s, read_s, _ = disk_baseline(root, host_arrays)
         blocking_s, save_s, restore_s = orbax_roundtrip(os.path.join(root, "ckpt"), state)
         overhead = async_overhead(os.path.join(root, "overhead"))
+        cost = integrity_cost(root, state, args.integrity_repeats)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     rows = [
@@ -178,8 +233,26 @@ def main():
     out = {"state_bytes": nbytes, "disk_write_s": write_s, "disk_read_s": read_s,
            "orbax_save_s": save_s, "orbax_save_blocking_s": blocking_s,
            "orbax_restore_s": restore_s, "async_overhead": overhead}
+    write_json("checkpoint_io.json", out)
+    report_integrity(cost, nbytes)
+
+
+def report_integrity(cost, nbytes):
+    print(f"\nintegrity check, {nbytes / GB:.2f} GB state, medians of "
+          f"{len(cost['fingerprint_s'])} interleaved round trips:")
+    print(f"{'what':<42}{'without':>10}{'with':>10}{'cost':>8}")
+    for what, key in (("save GB/s (async, until complete)", "median_save_s"),
+                      ("restore GB/s (sharded, cache dropped)", "median_restore_s")):
+        without, with_ = nbytes / cost["without"][key] / GB, nbytes / cost["with"][key] / GB
+        print(f"{what:<42}{without:>10.2f}{with_:>10.2f}{100 * (with_ / without - 1):>7.0f}%")
+    print(f"fingerprint pass alone: {cost['median_fingerprint_s']:.3f} s "
+          f"({nbytes / cost['median_fingerprint_s'] / GB:.2f} GB/s)")
+    write_json("checkpoint_integrity.json", {"state_bytes": nbytes, **cost})
+
+
+def write_json(name, out):
     os.makedirs("benchmarks/results", exist_ok=True)
-    with open("benchmarks/results/checkpoint_io.json", "w") as f:
+    with open(os.path.join("benchmarks/results", name), "w") as f:
         json.dump(out, f, indent=2)
 
 

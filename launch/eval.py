@@ -35,19 +35,25 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> None:
     args, bindings = parse_flags(sys.argv[1:] if argv is None else argv)
     launcher.configure_output(args.verbosity)
-    launcher.start_jax(args)
-    launcher.parse_gin(args, bindings)
+    with launcher.errors_reported(args.verbosity):
+        launcher.start_jax(args)
+        launcher.parse_gin(args, bindings)
 
-    import gin
-    from t5x_like import checkpoint_eval, checkpoints, run_config
-    try:
-        checkpoint = checkpoint_eval.parse_checkpoint(args.checkpoint)
-        gin.get_configurable(checkpoint_eval.evaluate_checkpoints)(
-            run=run_config.from_gin(), checkpoint=checkpoint, watch=args.watch,
-            timeout_s=args.timeout, poll_s=args.poll_seconds)
-    except (ValueError, FileNotFoundError, checkpoints.CheckpointMismatchError) as e:
-        launcher.exit_with_error(e, args.verbosity)
+        import gin
+        from t5x_like import checkpoint_eval, checkpoints, run_config
+        try:
+            checkpoint = checkpoint_eval.parse_checkpoint(args.checkpoint)
+            gin.get_configurable(checkpoint_eval.evaluate_checkpoints)(
+                run=run_config.from_gin(), checkpoint=checkpoint, watch=args.watch,
+                timeout_s=args.timeout, poll_s=args.poll_seconds)
+        except (ValueError, FileNotFoundError, checkpoints.CheckpointMismatchError) as e:
+            launcher.exit_with_error(e, args.verbosity)
+
+
+def program() -> None:
+    """The process entry point (`python -m launch.eval`, `t5x_like-eval`)."""
+    launcher.run_program(main)
 
 
 if __name__ == "__main__":
-    main()
+    program()

@@ -45,19 +45,25 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> None:
     args, bindings = parse_flags(sys.argv[1:] if argv is None else argv)
     launcher.configure_output(args.verbosity)
-    launcher.start_jax(args)
-    args.gin_file = [DECODE_DEFAULTS, *args.gin_file]
-    launcher.parse_gin(args, bindings)
-    from t5x_like import inference
-    try:
-        inference.infer_from_gin(
-            input_path=args.input, task=args.task, split=args.split, limit=args.limit,
-            output=args.output, checkpoint=args.checkpoint, hf_checkpoint=args.hf_checkpoint,
-            batch_size=args.batch_size, max_input_length=args.max_input_length,
-            seed=args.seed)
-    except (ValueError, OSError) as e:       # InferError, config and checkpoint errors
-        launcher.exit_with_error(e, args.verbosity)
+    with launcher.errors_reported(args.verbosity):
+        launcher.start_jax(args)
+        args.gin_file = [DECODE_DEFAULTS, *args.gin_file]
+        launcher.parse_gin(args, bindings)
+        from t5x_like import inference
+        try:
+            inference.infer_from_gin(
+                input_path=args.input, task=args.task, split=args.split, limit=args.limit,
+                output=args.output, checkpoint=args.checkpoint,
+                hf_checkpoint=args.hf_checkpoint, batch_size=args.batch_size,
+                max_input_length=args.max_input_length, seed=args.seed)
+        except (ValueError, OSError) as e:       # InferError, config and checkpoint errors
+            launcher.exit_with_error(e, args.verbosity)
+
+
+def program() -> None:
+    """The process entry point (`python -m launch.infer`, `t5x_like-infer`)."""
+    launcher.run_program(main)
 
 
 if __name__ == "__main__":
-    main()
+    program()

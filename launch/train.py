@@ -4,6 +4,7 @@ Flags pick gin files and bindings and, for multi-host runs, the JAX processes;
 everything else is gin. The run is `t5x_like.run_config.from_gin()`, trained by
 `t5x_like.train.train` (whose own arguments, e.g. `train_lib.train.log_every_steps`,
 are gin bindings too). `launch.compile` compiles the same run for a TPU slice.
+A problem is one `error: ...` line; its traceback is in MODEL_DIR/logs/.
 """
 
 from __future__ import annotations
@@ -23,18 +24,25 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> None:
     args, bindings = parse_flags(sys.argv[1:] if argv is None else argv)
     launcher.configure_output(args.verbosity)
-    launcher.start_jax(args)
-    launcher.parse_gin(args, bindings)
+    with launcher.errors_reported(args.verbosity):
+        launcher.start_jax(args)
+        launcher.parse_gin(args, bindings)
 
-    import gin
-    from t5x_like import run_config
-    from t5x_like import train as train_lib
-    try:
-        run = run_config.from_gin()
-    except ValueError as e:          # the config describes no complete run
-        launcher.exit_with_error(e, args.verbosity)
-    gin.get_configurable(train_lib.train)(run=run)
+        import gin
+        import jax
+        from t5x_like import run_config
+        from t5x_like import train as train_lib
+        model_dir = gin.get_bindings(train_lib.train).get("model_dir")
+        if model_dir:
+            launcher.log_to_file(train_lib.log_file(model_dir, jax.process_index()))
+            launcher.watch_checkpoints(train_lib.checkpoint_directory(model_dir))
+        gin.get_configurable(train_lib.train)(run=run_config.from_gin())
+
+
+def program() -> None:
+    """The process entry point (`python -m launch.train`, `t5x_like-train`)."""
+    launcher.run_program(main)
 
 
 if __name__ == "__main__":
-    main()
+    program()

@@ -1,11 +1,12 @@
 """Every Orbax call in the project lives here, so an Orbax API move costs one file.
 
-A checkpoint holds three items: `state` (the sharded TrainState), `data` (a small
-JSON record of the data settings: step, global batch, seed, number of data shards)
-and `data_positions` (one file per data shard: where that shard's input pipeline
+A checkpoint holds four items: `state` (the sharded TrainState), `data` (a small
+JSON record of the data settings: step, global batch, seed, number of data shards),
+`data_positions` (one file per data shard: where that shard's input pipeline
 is, so a resumed run continues it in constant time and sees the batches an
-uninterrupted run would have seen). All three are written into the same step
-directory and committed by the same atomic rename. Each process writes the
+uninterrupted run would have seen) and `integrity` (a fingerprint of every array of
+the state, integrity.py). All four are written into the same step directory and
+committed by the same atomic rename. Each process writes the
 positions of the shards it owns and, on restore, reads those it owns now, so a run
 can resume on any process count that divides the number of shards (the layout
 Grain's Orbax handler uses). Saves are asynchronous: the step loop goes on while the
@@ -14,11 +15,21 @@ arrays are written in the background; positions are small and written at once.
 Never losing a run:
 - Orbax writes each step into a temporary directory and renames it when complete,
   so a crash mid-write leaves no step directory that looks finished.
+- Every restore recomputes the fingerprints of what it read and compares them with
+  the saved ones, so flipped bytes are caught, not trained on.
 - `restore_latest` walks back from the newest step. A checkpoint that cannot be
-  read (truncated or missing files) is moved aside to `<dir>.corrupt/` with a
-  warning naming it, and the previous one is used. A checkpoint that is readable
-  but does not fit the model (the config changed) is an error, never skipped:
-  recovery must not throw away valid work.
+  read (truncated or missing files) or fails that comparison is moved aside to
+  `<dir>.corrupt/` with a warning naming it, and the previous one is used. A
+  checkpoint that is readable but does not fit the model (the config changed) is an
+  error, never skipped: recovery must not throw away valid work.
+- A failed write (disk full, read-only directory) is a CheckpointWriteError naming
+  the step whose write failed, raised at the first step after the failure
+  (`raise_if_save_failed`), not at the next save. Step directories are created
+  before `save` returns, so an unwritable directory fails at once, in the caller,
+  instead of leaving Orbax's background threads waiting for a directory that never
+  appears.
+- `protect(step)` keeps a step out of the `max_to_keep` rotation (train() protects
+  the last checkpoint saved before updates started being skipped).
 """
 
 from __future__ import annotations
@@ -36,18 +47,25 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from t5x_like import errors, integrity
+
 log = logging.getLogger(__name__)
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.RunError, ValueError):
     """A checkpoint is readable but its tree does not match what is being restored."""
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(errors.RunError, RuntimeError):
     """Writing a checkpoint failed (disk full, no permission...)."""
 
 
+class CheckpointCorruptError(errors.RunError, ValueError):
+    """A checkpoint was read, but its arrays are not what was saved."""
+
+
 DATA_POSITIONS = "data_positions"
+INTEGRITY = "integrity"
 
 
 def _shard_file(shard: int, num_shards: int) -> str:
@@ -87,7 +105,24 @@ class ShardPositionsRestore(ocp.args.CheckpointArgs):
 def _item_handlers(state_handler: ocp.CheckpointHandler | None = None) -> dict:
     return {"state": state_handler or ocp.StandardCheckpointHandler(),
             "data": ocp.JsonCheckpointHandler(),
-            DATA_POSITIONS: ShardPositionsHandler()}
+            DATA_POSITIONS: ShardPositionsHandler(),
+            INTEGRITY: ocp.JsonCheckpointHandler()}
+
+
+@dataclasses.dataclass
+class _ProtectedSteps:
+    """An Orbax preservation policy: keeps the steps in `steps` (a live set)."""
+    steps: set[int] = dataclasses.field(default_factory=set)
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        del context
+        return [info.step in self.steps for info in checkpoints]
+
+
+def committed_steps(directory: str) -> list[int]:
+    """Steps whose checkpoint is complete in `directory` (a read-only listing, safe
+    from any thread)."""
+    return sorted(ocp.path.step.checkpoint_steps(directory))
 
 
 def _path_str(path: Sequence[Any]) -> str:
@@ -108,19 +143,28 @@ class Checkpointer:
         """`max_to_keep` latest checkpoints are kept, plus forever every step that is
         a multiple of `keep_period` (e.g. for later evaluation)."""
         self.directory = directory
+        self._protected = _ProtectedSteps()
+        policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep), self._protected]
+        if keep_period:
+            policies.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=keep_period))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            keep_period=keep_period,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             create=True,
             enable_async_checkpointing=async_save,
+            # Create the step directory in save() itself: if that fails (read-only or
+            # full disk), the error is raised there. Created in the background, a
+            # failure left the other writer threads waiting for the directory for
+            # Orbax's 5-minute coordination timeout, and the process hung.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         )
         try:
             self._manager = ocp.CheckpointManager(directory, options=options,
                                                   item_handlers=_item_handlers())
         except OSError as e:
             raise CheckpointWriteError(
-                f"Cannot create or read the checkpoint directory {directory}: {e}. "
-                "Check MODEL_DIR's path and permissions.") from e
+                f"Cannot create or read the checkpoint directory {directory} "
+                f"({type(e).__name__}: {e})",
+                fix="check MODEL_DIR's path and permissions") from e
         self._pending_step: int | None = None
 
     def latest_step(self) -> int | None:
@@ -137,22 +181,56 @@ class Checkpointer:
         """Starts an async save of `state` and the data position at `step`.
 
         `shard_positions`: {shard: position} of the data shards this process owns
-        (out of `num_data_shards`), saved alongside. Errors of the previous async
-        save surface here (or in `wait_until_finished`) as CheckpointWriteError
-        naming the step and the last complete checkpoint.
+        (out of `num_data_shards`), saved alongside. An error of the previous async
+        save is raised first, naming that save's step (CheckpointWriteError);
+        `raise_if_save_failed` raises it as soon as the save has ended.
         """
+        self.wait_until_finished()        # the previous save's error is that save's
+        fingerprints = {"version": integrity.VERSION,
+                        "arrays": integrity.fingerprints(flatten_with_paths(state))}
         items = {"state": ocp.args.StandardSave(state),
-                 "data": ocp.args.JsonSave(data_position)}
+                 "data": ocp.args.JsonSave(data_position),
+                 INTEGRITY: ocp.args.JsonSave(fingerprints)}
         if shard_positions is not None:
             items[DATA_POSITIONS] = ShardPositionsSave(positions=dict(shard_positions),
                                                        num_shards=num_data_shards)
+        self._pending_step = step
         self._raise_write_error_from(lambda: self._manager.save(
             step, args=ocp.args.Composite(**items), force=True), step)
-        self._pending_step = step
+
+    def raise_if_save_failed(self) -> None:
+        """Raises the CheckpointWriteError of a background save that has ended in
+        failure; returns at once otherwise (cheap enough for every step)."""
+        if self._pending_step is not None and not self._manager.is_saving_in_progress():
+            self.wait_until_finished()
 
     def wait_until_finished(self) -> None:
-        self._raise_write_error_from(self._manager.wait_until_finished, self._pending_step)
-        self._pending_step = None
+        step, self._pending_step = self._pending_step, None
+        self._raise_write_error_from(self._manager.wait_until_finished, step)
+
+    def protect(self, step: int) -> None:
+        """Never delete `step` in the max_to_keep rotation (it stays on disk)."""
+        self._protected.steps.add(step)
+
+    def check_writable(self) -> None:
+        """Raises NotWritableError now if this process cannot create files in the
+        directory, rather than at the first save."""
+        if "://" in self.directory:       # object stores: no cheap probe; saves will tell
+            return
+        probe = os.path.join(self.directory, f".write_probe.{os.getpid()}")
+        try:
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            complete = committed_steps(self.directory)
+            raise errors.NotWritableError(
+                f"the checkpoint directory {self.directory} is not writable "
+                f"({e.strerror}); its checkpoints"
+                + (f" (latest: step {complete[-1]}) are intact" if complete
+                   else " are untouched"),
+                fix="make it writable (or use another MODEL_DIR), then rerun to resume"
+            ) from e
 
     def close(self) -> None:
         try:
@@ -164,20 +242,21 @@ class Checkpointer:
         try:
             fn()
         except (OSError, ValueError, RuntimeError) as e:
-            if isinstance(e, CheckpointWriteError):
+            if isinstance(e, errors.RunError):
                 raise
             complete = [s for s in self._list_complete_steps() if s != step]
             kept = (f"the last complete checkpoint is step {complete[-1]}, intact"
                     if complete else "no earlier checkpoint exists")
+            cause = " ".join(str(e).split())
             raise CheckpointWriteError(
-                f"Writing the checkpoint for step {step} to {self.directory} failed: "
-                f"{type(e).__name__}: {e}. {kept.capitalize()}. Free disk space or fix "
-                "permissions, then rerun to resume.") from e
+                f"Writing the checkpoint for step {step} to {self.directory} failed "
+                f"({type(e).__name__}: {cause[:300]}{'...' if len(cause) > 300 else ''}); "
+                f"{kept}",
+                fix="free disk space or fix permissions, then rerun to resume") from e
 
     def _list_complete_steps(self) -> list[int]:
         try:
-            self._manager.reload()
-            return self.all_steps()
+            return committed_steps(self.directory)
         except Exception:   # the directory itself may be the problem
             return []
 
@@ -191,7 +270,29 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                     data=ocp.args.JsonRestore()))
+        self._verify(step, restored.state)
         return restored.state, dict(restored.data)
+
+    def _verify(self, step: int, state: Any) -> None:
+        """Raises CheckpointCorruptError unless `state` has the fingerprints saved
+        with it (a checkpoint written before they were saved is only logged)."""
+        if not (epath.Path(self.directory) / str(step) / INTEGRITY).exists():
+            log.info("Checkpoint step %d has no integrity record (written by an older "
+                     "version): not verified.", step)
+            return
+        saved = self._manager.restore(step, args=ocp.args.Composite(
+            **{INTEGRITY: ocp.args.JsonRestore()}))[INTEGRITY]
+        if saved.get("version") != integrity.VERSION:
+            log.warning("Checkpoint step %d: integrity record of version %s, not %d: not "
+                        "verified.", step, saved.get("version"), integrity.VERSION)
+            return
+        bad = integrity.mismatches(saved["arrays"], flatten_with_paths(state))
+        if bad:
+            raise CheckpointCorruptError(
+                f"checkpoint step {step} in {self.directory} is corrupt: {len(bad)} "
+                f"array(s) differ from what was saved ({', '.join(bad[:4])}"
+                f"{', ...' if len(bad) > 4 else ''})",
+                fix="it is set aside; resume from an earlier checkpoint")
 
     def read_shard_positions(self, step: int, *, shards: Sequence[int],
                              num_data_shards: int) -> dict[int, bytes] | None:
@@ -211,13 +312,15 @@ class Checkpointer:
         metadata = self._manager.item_metadata(step)["state"]
         abstract = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-        return self._manager.restore(step, args=ocp.args.Composite(
+        state = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract))).state
+        self._verify(step, state)
+        return state
 
     def restore_latest(self, *, abstract_state: Any) -> tuple[int, Any, dict] | None:
-        """Restores the newest readable checkpoint; None when there is none."""
+        """Restores the newest readable, intact checkpoint; None when there is none."""
         for step in reversed(self.all_steps()):
-            try:   # unreadable metadata or arrays: corrupt; a mismatch: an error
+            try:   # unreadable or altered metadata or arrays: corrupt; a mismatch: an error
                 state, data_position = self.restore(step, abstract_state=abstract_state)
             except CheckpointMismatchError:
                 raise
@@ -237,9 +340,9 @@ class Checkpointer:
         source = os.path.join(self.directory, str(step))
         target = os.path.join(f"{self.directory.rstrip('/')}.corrupt",
                               f"{step}-{int(time.time())}")
-        log.warning("Checkpoint step %d at %s is unreadable (%s: %s). Moving it to %s "
-                    "and trying the previous one.", step, source, type(error).__name__,
-                    str(error)[:300], target)
+        log.warning("Checkpoint step %d at %s is unreadable or corrupt (%s: %s). Moving "
+                    "it to %s and trying the previous one.", step, source,
+                    type(error).__name__, str(error)[:300], target)
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.move(source, target)
@@ -257,12 +360,12 @@ def _check_tree_matches(saved: Mapping[str, Any], abstract_state: Any, *, what: 
     if missing or unexpected or reshaped:
         raise CheckpointMismatchError(
             f"{what} does not match this run's train state (did the model, optimizer or "
-            f"partitioning config change?). Missing in checkpoint: {missing[:8]}"
+            f"partitioning config change?); missing in checkpoint: {missing[:8]}"
             f"{'...' if len(missing) > 8 else ''}; unexpected: {unexpected[:8]}"
             f"{'...' if len(unexpected) > 8 else ''}; shape changed: "
-            + ", ".join(f"{k} {tuple(saved[k].shape)}->{tuple(wanted[k].shape)}"
-                        for k in reshaped[:8])
-            + ". Use a new MODEL_DIR, or start from it with `init_from` (parameters only).")
+            + (", ".join(f"{k} {tuple(saved[k].shape)}->{tuple(wanted[k].shape)}"
+                         for k in reshaped[:8]) or "none"),
+            fix="use a new MODEL_DIR, or start from it with `init_from` (parameters only)")
 
 
 # ---------------------------------------------------------------------- reading only
@@ -356,9 +459,10 @@ def restore_params_from(init_from: InitFrom, *, abstract_params: Any, fresh_para
         item_handlers=_item_handlers(ocp.PyTreeCheckpointHandler()))
     step = init_from.step if init_from.step is not None else manager.latest_step()
     if step is None or step not in manager.all_steps():
-        raise FileNotFoundError(
+        raise errors.InputNotFoundError(
             f"No checkpoint{'' if step is None else f' at step {step}'} in "
-            f"{init_from.directory} (steps there: {sorted(manager.all_steps())}).")
+            f"{init_from.directory} (steps there: {sorted(manager.all_steps())})",
+            fix="point train.init_from at a run's MODEL_DIR/checkpoints and an existing step")
     saved = flatten_with_paths(manager.item_metadata(step)["state"])
     saved_params = {k[len("params/"):]: v for k, v in saved.items() if k.startswith("params/")}
     ours = flatten_with_paths(abstract_params)
@@ -371,9 +475,9 @@ def restore_params_from(init_from: InitFrom, *, abstract_params: Any, fresh_para
                 f"parameters: {unused}; shape mismatches: {reshaped}")
     if reshaped or (init_from.strict and (missing or unused)):
         raise CheckpointMismatchError(
-            f"Cannot initialise from {init_from.directory} step {step}: {problems}. "
-            "Add `rename` rules, or set strict=False to keep fresh values for missing "
-            "parameters.")
+            f"Cannot initialise from {init_from.directory} step {step}: {problems}",
+            fix="add `rename` rules, or set strict=False to keep fresh values for "
+            "missing parameters")
     if missing or unused:
         log.warning("Partial init from %s step %d: %s", init_from.directory, step, problems)
 

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import gin
 
+from t5x_like import errors
+
 _REQUIRED_RE = re.compile(r"(\S+)/macro\.value set to `%gin\.REQUIRED`")
 _UNRESOLVED_RE = re.compile(r"Couldn't resolve selector (\S+); <module '([^']+)'")
 _LOCATION_RE = re.compile(r'In file "([^"]+)", line (\d+)')
@@ -25,7 +27,7 @@ _CALL_CONTEXT_RE = re.compile(r"\n  In call to configurable .*")
 SHIPPED_CONFIGS_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-class GinConfigError(ValueError):
+class GinConfigError(errors.ConfigError):
     """The gin configuration is invalid; the message says what and how to fix it."""
 
 
@@ -44,44 +46,49 @@ def parse(*, gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
           search_paths: Sequence[str] = ()) -> None:
     """Parses and finalises the config; raises GinConfigError on any problem."""
     if not gin_files:
-        raise GinConfigError("No --gin_file given; e.g. --gin_file=configs/base.gin.")
+        raise GinConfigError("No --gin_file given", fix="e.g. --gin_file=configs/base.gin")
     paths = [os.getcwd(), *search_paths, SHIPPED_CONFIGS_ROOT]
     for path in dict.fromkeys(paths):
         gin.add_config_file_search_path(path)
     for gin_file in gin_files:
         if not any(os.path.exists(os.path.join(p, gin_file)) for p in paths):
             raise GinConfigError(
-                f"Gin file {gin_file!r} not found (searched {paths}). Pass a path relative "
-                "to the repository root or add its folder with --gin_search_paths.")
+                f"Gin file {gin_file!r} not found (searched {paths})",
+                fix="pass a path relative to the repository root or add its folder with "
+                "--gin_search_paths")
     try:
         gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings),
                                             finalize_config=True)
     except (ValueError, IOError, SyntaxError, ImportError, AttributeError) as e:
-        raise GinConfigError(_explain(e)) from e
+        what, fix = _explain(e)
+        raise GinConfigError(what, fix=fix) from e
 
 
-def _explain(error: Exception) -> str:
-    message = str(error)
+def _explain(error: Exception) -> tuple[str, str]:
+    """(what, fix) for a gin parse error."""
+    message = str(error).strip()
     required = _REQUIRED_RE.search(message)
     if required:
         name = required.group(1)
-        return (f"Gin macro {name} is %gin.REQUIRED but was not set. Set it in a gin file "
-                f"or on the command line, e.g. --gin.{name}=...")
+        return (f"Gin macro {name} is %gin.REQUIRED but was not set",
+                f"set it in a gin file or on the command line, e.g. --gin.{name}=...")
     unresolved = _UNRESOLVED_RE.search(message)
     if unresolved:
         where = _LOCATION_RE.search(message)
         at = f" ({where.group(1)}, line {where.group(2)})" if where else ""
         return (f"Unknown gin reference @{unresolved.group(1)}: module {unresolved.group(2)} "
-                f"has no such function or class{at} — check the name")
+                f"has no such function or class{at}", "check the name")
     if "No module named 'data'" in message:
-        return (f"Invalid gin configuration: {message.strip()}\nA gin file imports "
-                "`data.tasks` (the bundled pydocs tasks), which lives in the repository's "
-                "data/ folder: run from a checkout, or train on your own task "
-                "(include 'configs/runs/cpu_pretrain.gin'; README, 'Your own data').")
+        return (f"Invalid gin configuration: {message}",
+                "a gin file imports `data.tasks` (the bundled pydocs tasks), which lives in "
+                "the repository's data/ folder: run from a checkout, or train on your own "
+                "task (include 'configs/runs/cpu_pretrain.gin'; README, 'Your own data')")
     if "No configurable matching" in message or "doesn't have a parameter named" in message:
-        return (f"Unknown gin binding: {message.strip()}\nCheck the spelling against the "
-                "function or class signature (and the module import in the gin file).")
-    return f"Invalid gin configuration: {message.strip()}"
+        return (f"Unknown gin binding: {message}",
+                "check the spelling against the function or class signature (and the "
+                "module import in the gin file)")
+    return (f"Invalid gin configuration: {message}",
+            "fix the gin file or binding named above")
 
 
 def without_call_context(message: str) -> str:

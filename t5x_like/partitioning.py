@@ -41,6 +41,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from t5x_like import errors
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "model")
@@ -199,7 +201,7 @@ class Partitioner:
         Every parameter dimension must split evenly over the mesh axes its logical
         axis maps to. Axes in REPLICATED_WHEN_TOO_FEW that are smaller than their
         mesh axes are replicated for the whole model (parameters and activations);
-        anything else that does not divide raises a ValueError naming the parameter,
+        anything else that does not divide raises a ConfigError naming the parameter,
         logical axis, mesh axis and the Partitioner setting to change. Call it before
         tracing the model under `context()` (trainer.state_layout does).
         """
@@ -242,11 +244,12 @@ class Partitioner:
                 axes_text = " x ".join(f"{a!r} ({self.mesh.shape[a]})" for a in mesh_axes)
                 settings = " / ".join(f"partitioning.Partitioner.{MESH_AXIS_SETTINGS[a]}"
                                       for a in mesh_axes)
-                raise ValueError(
+                raise errors.ConfigError(
                     f"Parameter {where} {tuple(param.shape)}: dimension {dim} (logical "
                     f"axis {name!r}, size {size}) cannot be split evenly over mesh axis "
-                    f"{axes_text} devices; set {settings} to a divisor of {size}, or "
-                    f"change the model's {name!r} size.")
+                    f"{axes_text} devices",
+                    fix=f"set {settings} to a divisor of {size}, or change the model's "
+                    f"{name!r} size")
         return too_few
 
     @property

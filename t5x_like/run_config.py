@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import gin
 
-from t5x_like import partitioning, trainer
+from t5x_like import argument_types, errors, partitioning, trainer
 from t5x_like.optimizers import Optimizer
 
 if TYPE_CHECKING:
@@ -42,26 +42,35 @@ class RunConfig:
     seed: int = 0                   # parameter init and dropout
 
     def __post_init__(self):
+        argument_types.check(RunConfig, {f.name: getattr(self, f.name)
+                                         for f in dataclasses.fields(self)})
         if self.batch_size < 1 or self.num_microbatches < 1:
-            raise ValueError(f"batch_size ({self.batch_size}) and num_microbatches "
-                             f"({self.num_microbatches}) must be positive.")
+            raise errors.ConfigError(
+                f"batch_size ({self.batch_size}) and num_microbatches "
+                f"({self.num_microbatches}) must be positive",
+                fix="set run_config.RunConfig.batch_size (BATCH_SIZE) and num_microbatches")
         if self.batch_size % self.num_microbatches:
-            raise ValueError(f"batch_size={self.batch_size} is not divisible by "
-                             f"num_microbatches={self.num_microbatches}.")
+            raise errors.ConfigError(
+                f"batch_size={self.batch_size} is not divisible by "
+                f"num_microbatches={self.num_microbatches}",
+                fix="choose a num_microbatches that divides the batch")
         if self.train_data is not None:
             check_vocabulary(self.model, self.train_data)
 
     def feature_lengths(self) -> dict[str, int]:
         """The batch's features and their lengths, as the data source yields them."""
         if self.train_data is None:
-            raise ValueError("This run has no train_data; bind RunConfig.train_data.")
+            raise errors.ConfigError("This run has no train_data",
+                                     fix="bind run_config.RunConfig.train_data")
         return dict(self.train_data.model_feature_lengths())
 
     def state_layout(self, partitioner: partitioning.Partitioner,
                      feature_lengths: Mapping[str, int]) -> trainer.StateLayout:
         if self.batch_size % partitioner.data_shards:
-            raise ValueError(f"batch_size={self.batch_size} must divide evenly over the "
-                             f"{partitioner.data_shards} data shards of {partitioner}.")
+            raise errors.ConfigError(
+                f"batch_size={self.batch_size} does not divide evenly over the "
+                f"{partitioner.data_shards} data shards of {partitioner}",
+                fix="use a multiple of the data shards, or another mesh shape")
         return trainer.state_layout(model=self.model, optimizer=self.optimizer,
                                     partitioner=partitioner, feature_lengths=feature_lengths)
 
@@ -86,29 +95,30 @@ def check_vocabulary(model: trainer.Model, train_data: DataSource) -> None:
     if model.vocab_size < needed:
         config = getattr(model, "config", None)
         setting = f"{type(config).__name__}.vocab_size" if config is not None else "vocab_size"
-        raise ValueError(
+        raise errors.ConfigError(
             f"the model's vocab_size {model.vocab_size} does not cover the data's vocabulary "
-            f"of {needed} ids (sentinel/extra ids included); set {setting} >= {needed} "
-            "(T5 rounds it up to a multiple of 128, e.g. 32100 -> 32128).")
+            f"of {needed} ids (sentinel/extra ids included)",
+            fix=f"set {setting} >= {needed} (T5 rounds it up to a multiple of 128, e.g. "
+            "32100 -> 32128)")
 
 
 def from_gin(**overrides: Any) -> RunConfig:
     """The RunConfig of the parsed gin config; `overrides` replace bound fields.
 
-    Raises ValueError naming what is missing when the config does not describe a run.
+    Raises ConfigError naming what is missing when the config does not describe a run.
     """
     try:
         configured = gin.get_configurable(RunConfig)
     except ValueError as e:
-        raise ValueError("The gin config does not configure run_config.RunConfig; "
-                         "include configs/runs/pretrain.gin (configs/base.gin does).") from e
+        raise errors.ConfigError(
+            "The gin config does not configure run_config.RunConfig",
+            fix="include configs/runs/pretrain.gin (configs/base.gin does)") from e
     try:
         return configured(**overrides)
     except TypeError as e:
-        raise ValueError(f"The gin config does not describe a whole run ({e}); a model "
-                         "comes from configs/models/*.gin, the rest from "
-                         "configs/runs/pretrain.gin.") from e
-    except ValueError as e:
-        # gin appends "In call to configurable ..." lines to an error raised inside a
-        # configurable; the checks' own message is the one line the launcher prints.
-        raise ValueError(str(e).split("\n  In call to configurable")[0]) from e
+        if isinstance(e, errors.RunError):
+            raise
+        raise errors.ConfigError(
+            f"The gin config does not describe a whole run ({e})",
+            fix="a model comes from configs/models/*.gin, the rest from "
+            "configs/runs/pretrain.gin") from e

@@ -5,14 +5,19 @@ see run_config.py); how the loop is driven (steps, checkpoints, logging) are the
 other arguments. Everything is injected (from gin by `launch/train.py`, or directly
 from Python in tests), so this function holds only the order of events:
 
-  mesh -> state layout -> restore or init -> data positioned at the step ->
+  checks (settings, MODEL_DIR, data) -> mesh -> state layout -> restore or init ->
+  data positioned at the step ->
   [batch -> global arrays -> jitted step -> metrics -> async checkpoint]* -> final save
+
+Whatever a person can fix is raised as an `errors.RunError` (the launcher prints it
+as one line), and is checked before the expensive part where it can be.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol
@@ -20,8 +25,9 @@ from typing import Any, Literal, Protocol
 import gin
 import jax
 
-from t5x_like import (checkpoints, device_peaks, evaluation, metrics as metrics_lib,
-                      param_table, partitioning, preemption, trainer)
+from t5x_like import (argument_types, checkpoints, device_peaks, errors, evaluation,
+                      metrics as metrics_lib, param_table, partitioning, preemption,
+                      trainer)
 from t5x_like.data import host_batches
 from t5x_like.run_config import RunConfig
 
@@ -37,6 +43,10 @@ class DataSource(Protocol):
     """
 
     def model_feature_lengths(self) -> Mapping[str, int]: ...
+
+    def check(self, *, shard_index: int, num_shards: int) -> None:
+        """Raises a RunError if this shard cannot yield batches (e.g. an empty source,
+        lengths too short for the objective). Cheap: runs before the model is built."""
 
     def stream_identity(self) -> Mapping[str, Any]:
         """JSON-able settings that define the stream of batches (seed included)."""
@@ -58,12 +68,27 @@ class TrainResult:
     preempted: bool = False
 
 
+class NonFiniteError(errors.RunError, FloatingPointError):
+    """Training stopped on a NaN/Inf loss, gradient or update."""
+
+
+def checkpoint_directory(model_dir: str) -> str:
+    return os.path.join(os.path.abspath(model_dir), "checkpoints")
+
+
+def log_file(model_dir: str, process_index: int) -> str:
+    """Where the launcher writes this process's log (and an error's traceback)."""
+    name = "train.log" if process_index == 0 else f"train.process_{process_index}.log"
+    return os.path.join(os.path.abspath(model_dir), "logs", name)
+
+
 def train(*, run: RunConfig, model_dir: str, train_steps: int,
           num_data_shards: int | None = None,
           checkpoint_every_steps: int = 100, keep_checkpoints: int | None = 3,
           keep_checkpoint_period: int | None = None, async_checkpointing: bool = True,
           init_from: checkpoints.InitFrom | None = None,
           on_nonfinite_loss: Literal["halt", "skip_update"] = "halt",
+          max_consecutive_skipped_steps: int = 10,
           log_every_steps: int = 10, eval_every_steps: int = 0, eval_batches: int = 10,
           peak_flops_per_device: float | None = None) -> TrainResult:
     """Trains `run.model` on `run.train_data` until `train_steps`, resuming if possible.
@@ -78,8 +103,10 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
       keep_checkpoints / keep_checkpoint_period: keep the latest N checkpoints, plus
         every step that is a multiple of the period, forever.
       init_from: for a new run, take parameters from another run's checkpoint.
-      on_nonfinite_loss: a step with a NaN/Inf loss or gradient is never applied;
-        'halt' then stops with an error naming the step, 'skip_update' goes on.
+      on_nonfinite_loss: a step with a NaN/Inf loss, gradient or update is never
+        applied; 'halt' then stops with an error naming the step, 'skip_update' goes
+        on, but stops after `max_consecutive_skipped_steps` skipped steps in a row
+        (the checkpoint saved before the first of them is kept).
       log_every_steps: the progress line and TensorBoard show, every this many steps
         (and at the last), the metrics averaged over the steps since the previous
         multiple (metrics.IntervalMeans: loss and accuracy weighted by target tokens).
@@ -89,21 +116,33 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
       peak_flops_per_device: the FLOP/s that MFU is measured against; default: the
         device's dense bf16 peak from device_peaks.py (none on CPU: no MFU shown).
     """
-    # The run's parts, by the names the sections below use; the mesh is built here.
+    # ----------------------------------------------------------- checks, before any work
+    argument_types.check(train, dict(locals()))   # locals() holds exactly the arguments
+    if min(checkpoint_every_steps, log_every_steps, max_consecutive_skipped_steps) < 1:
+        raise errors.ConfigError(
+            f"checkpoint_every_steps={checkpoint_every_steps}, log_every_steps="
+            f"{log_every_steps} and max_consecutive_skipped_steps="
+            f"{max_consecutive_skipped_steps} must be >= 1",
+            fix="correct the train_lib.train binding")
+    # The run's parts, by the names the sections below use.
     model, train_data, batch_size, seed = run.model, run.train_data, run.batch_size, run.seed
-    partitioner = run.partitioner()
     is_lead_host = jax.process_index() == 0
     num_data_shards = num_data_shards or jax.process_count()
-    if on_nonfinite_loss not in ("halt", "skip_update"):
-        raise ValueError(f"on_nonfinite_loss must be 'halt' or 'skip_update', got "
-                         f"{on_nonfinite_loss!r}.")
     if is_lead_host:
-        os.makedirs(model_dir, exist_ok=True)
-        with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
-            f.write(gin.operative_config_str())
-
-    # ----------------------------------------------------------- state layout
+        _write_operative_config(model_dir)
+    checkpointer = checkpoints.Checkpointer(
+        directory=checkpoint_directory(model_dir), max_to_keep=keep_checkpoints,
+        keep_period=keep_checkpoint_period, async_save=async_checkpointing)
+    checkpointer.check_writable()
     feature_lengths = run.feature_lengths()
+    shards = host_batches.owned_shards(num_data_shards=num_data_shards,
+                                       process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+    for shard in shards:            # an empty corpus fails now, not after model init
+        train_data.check(shard_index=shard, num_shards=num_data_shards)
+
+    # ----------------------------------------------------------- mesh and state layout
+    partitioner = run.partitioner()
     layout = run.state_layout(partitioner, feature_lengths)
     log.info("Devices: %d (%s), processes: %d, %s", jax.device_count(),
              jax.devices()[0].platform, jax.process_count(), partitioner)
@@ -123,10 +162,6 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
     ) if eval_every_steps else None
 
     # ----------------------------------------------------------- restore or init
-    checkpointer = checkpoints.Checkpointer(
-        directory=os.path.join(os.path.abspath(model_dir), "checkpoints"),
-        max_to_keep=keep_checkpoints, keep_period=keep_checkpoint_period,
-        async_save=async_checkpointing)
     restored = checkpointer.restore_latest(abstract_state=layout.abstract_with_shardings())
     saved_data = None
     if restored is not None:
@@ -146,9 +181,6 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
     start_step = int(state.step)
 
     # ----------------------------------------------------------- data, positioned at the step
-    shards = host_batches.owned_shards(num_data_shards=num_data_shards,
-                                       process_index=jax.process_index(),
-                                       process_count=jax.process_count())
     data_stream = dict(train_data.stream_identity())
     positions = None if saved_data is None else _saved_shard_positions(
         checkpointer, saved_data, step=start_step, shards=shards, batch_size=batch_size,
@@ -168,7 +200,8 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
                                                      batch_size=batch_size),
         peak_flops_per_device=(peak_flops_per_device or
                                device_peaks.peak_bf16_flops(jax.devices()[0].device_kind)))
-    guard = _NonFiniteGuard(policy=on_nonfinite_loss, checkpointer=checkpointer)
+    guard = _NonFiniteGuard(policy=on_nonfinite_loss, checkpointer=checkpointer,
+                            max_consecutive=max_consecutive_skipped_steps)
     # Logged values average the steps since the last multiple of log_every_steps; an
     # unfinished interval's sums go into each checkpoint, so resuming never splits one.
     interval = metrics_lib.IntervalMeans(
@@ -177,9 +210,12 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
     data_position = {"step": start_step, "global_batch_size": batch_size,
                      "data_stream": data_stream, "num_data_shards": num_data_shards}
     losses: dict[int, float] = {}
-    step, preempted = start_step, False
+    step, preempted = start_step, watcher.should_stop(start_step)
+    if preempted:                  # SIGTERM during start-up: no step taken, nothing to save
+        log.warning("Preempted (SIGTERM) during start-up, before step %d: nothing new to "
+                    "save; exiting cleanly. Rerun the same command to resume.", step + 1)
     try:
-        while step < train_steps:
+        while step < train_steps and not preempted:
             local_batch = next(batches)
             progress.add_tokens(model.count_real_tokens(local_batch) * jax.process_count())
             state, step_metrics = train_step(
@@ -187,6 +223,7 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
             interval.add(step_metrics)              # on device: the host does not wait
             step += 1
             guard.observe(step, step_metrics)      # checks the previous step: no stall
+            checkpointer.raise_if_save_failed()    # a failed background write, now
             data_position = {**data_position, "step": step}
             preempted = watcher.should_stop(step)
             is_last = step == train_steps
@@ -214,6 +251,7 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
                 break
         guard.flush()
     finally:
+        guard.log_summary()
         watcher.close()
         checkpointer.close()          # waits for any in-flight async save
         if writer:
@@ -233,39 +271,115 @@ class _NonFiniteGuard:
     """Reads each step's `nonfinite` flag one step late, so the device never waits.
 
     The step itself already refused to apply a non-finite update, so the state in
-    memory (and any checkpoint) is the last good one.
+    memory (and any checkpoint) is the last good one. Under 'skip_update', the
+    checkpoint saved before the first of a run of skipped steps is protected from
+    rotation, and `max_consecutive` skipped steps in a row stop the run.
     """
 
-    def __init__(self, *, policy: str, checkpointer: checkpoints.Checkpointer):
+    def __init__(self, *, policy: str, checkpointer: checkpoints.Checkpointer,
+                 max_consecutive: int):
         self._policy = policy
         self._checkpointer = checkpointer
-        self._pending: tuple[int, Any] | None = None
-        self.skipped_steps: list[int] = []
+        self._max_consecutive = max_consecutive
+        self._pending: tuple[int, Mapping[str, jax.Array]] | None = None
+        self._in_a_row: list[int] = []
+        self._kept_step: int | None = None     # saved before the first of them
+        self.skipped: list[tuple[int, str]] = []    # (step, what was non-finite)
 
     def observe(self, step: int, step_metrics: Mapping[str, jax.Array]) -> None:
         self.flush()
-        self._pending = (step, step_metrics["nonfinite"])
+        self._pending = (step, step_metrics)
 
     def flush(self) -> None:
         if self._pending is None:
             return
-        step, flag = self._pending
+        step, step_metrics = self._pending
         self._pending = None
-        if float(flag) == 0.0:
+        if float(step_metrics["nonfinite"]) == 0.0:
+            self._in_a_row = []
             return
-        self.skipped_steps.append(step)
-        if self._policy == "skip_update":
-            log.warning("Step %d: loss or gradient is NaN/Inf; the update was skipped "
-                        "(%d skipped so far).", step, len(self.skipped_steps))
-            return
+        what = _nonfinite_quantity(step_metrics)
+        self.skipped.append((step, what))
+        if self._policy == "halt":
+            raise self._halted(step, what)
+        if not self._in_a_row:
+            self._kept_step = self._checkpointer.latest_step()
+            if self._kept_step is not None:
+                self._checkpointer.protect(self._kept_step)
+        self._in_a_row.append(step)
+        log.warning("Step %d: the %s is NaN/Inf; the update was skipped (%d in a row, %d "
+                    "so far).", step, what, len(self._in_a_row), len(self.skipped))
+        if len(self._in_a_row) >= self._max_consecutive:
+            raise self._too_many_in_a_row()
+
+    def _halted(self, step: int, what: str) -> NonFiniteError:
         self._checkpointer.wait_until_finished()
         last = self._checkpointer.latest_step()
-        where = (f"the last good checkpoint is step {last} in {self._checkpointer.directory}"
-                 if last is not None else "no checkpoint was written yet")
-        raise FloatingPointError(
-            f"Loss or gradient became NaN/Inf at step {step}; {where}. Lower the learning "
-            "rate or check the data, then rerun to resume from that checkpoint (or set "
-            "train.on_nonfinite_loss='skip_update').")
+        if last is None:
+            return NonFiniteError(
+                f"The {what} became NaN/Inf at step {step} (the update was not applied); "
+                "no checkpoint was written before it",
+                fix="lower the learning rate or check the data, then start again (or set "
+                "train_lib.train.on_nonfinite_loss='skip_update')")
+        return NonFiniteError(
+            f"The {what} became NaN/Inf at step {step} (the update was not applied); the "
+            f"last good checkpoint is step {last} in {self._checkpointer.directory}",
+            fix="lower the learning rate or check the data, then rerun to resume from that "
+            "checkpoint (or set train_lib.train.on_nonfinite_loss='skip_update')")
+
+    def _too_many_in_a_row(self) -> NonFiniteError:
+        first, last = self._in_a_row[0], self._in_a_row[-1]
+        whats = sorted({what for step, what in self.skipped if step >= first})
+        kept = (f"step {self._kept_step}, saved before the first of them, is kept in "
+                f"{self._checkpointer.directory} (later checkpoints hold the same "
+                "parameters)" if self._kept_step is not None
+                else "no checkpoint was saved before them")
+        return NonFiniteError(
+            f"{len(self._in_a_row)} steps in a row ({first}-{last}) had a NaN/Inf "
+            f"{' or '.join(whats)} and were skipped; {kept}",
+            fix="lower the learning rate or check the data, then rerun (or raise "
+            "train_lib.train.max_consecutive_skipped_steps)")
+
+    def log_summary(self) -> None:
+        if self._policy == "skip_update" and self.skipped:
+            log.warning("Skipped updates (NaN/Inf) at %d step(s): %s", len(self.skipped),
+                        _step_ranges(self.skipped))
+
+
+def _nonfinite_quantity(step_metrics: Mapping[str, jax.Array]) -> str:
+    """The first non-finite quantity of the chain loss -> gradient -> update."""
+    if not math.isfinite(float(step_metrics["loss"])):
+        return "loss"
+    if not math.isfinite(float(step_metrics["grad_norm"])):
+        return "gradient"
+    return "update"
+
+
+def _step_ranges(skipped: list[tuple[int, str]]) -> str:
+    """[(5, 'loss'), (6, 'loss'), (9, 'update')] -> '5-6 (loss), 9 (update)'."""
+    groups: list[list] = []
+    for step, what in skipped:
+        if groups and groups[-1][1] == step - 1 and groups[-1][2] == what:
+            groups[-1][1] = step
+        else:
+            groups.append([step, step, what])
+    return ", ".join(f"{a}-{b} ({what})" if a != b else f"{a} ({what})"
+                     for a, b, what in groups)
+
+
+def _write_operative_config(model_dir: str) -> None:
+    """Creates MODEL_DIR and writes the config there; a NotWritableError if it cannot."""
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+        with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
+            f.write(gin.operative_config_str())
+    except OSError as e:
+        steps = checkpoints.committed_steps(checkpoint_directory(model_dir))
+        raise errors.NotWritableError(
+            f"MODEL_DIR {model_dir} is not writable ({e.strerror}: {e.filename}); "
+            + (f"its checkpoints (latest: step {steps[-1]}) are intact" if steps
+               else "nothing was written"),
+            fix="make it writable or choose another MODEL_DIR, then rerun") from e
 
 
 def _check_data_position(data_position: Mapping[str, Any], *, batch_size: int,

@@ -1,10 +1,13 @@
 """Running the real `python -m launch.train` in tests, and reading what it wrote."""
 
+import contextlib
+import logging
 import os
 import subprocess
 import sys
 import time
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,3 +69,64 @@ def checkpoint_steps(model_dir):
     return sorted(int(d) for d in os.listdir(os.path.join(model_dir, "checkpoints"))
                   if d.isdigit())
 
+
+def overwrite_bytes_in_largest_array_file(step_dir):
+    """The corruption drill: 16 bytes flipped at three places of the biggest array file
+    of a checkpoint (as a bad disk or network copy would)."""
+    files = [os.path.join(d, f) for d, _, names in os.walk(os.path.join(step_dir, "state"))
+             for f in names]
+    largest = max(files, key=os.path.getsize)
+    size = os.path.getsize(largest)
+    with open(largest, "r+b") as fh:
+        for where in (size // 4, size // 2, 3 * size // 4):
+            fh.seek(where)
+            original = fh.read(16)
+            fh.seek(where)
+            fh.write(bytes(b ^ 0x5A for b in original))
+    return largest
+
+
+def launch_in_process(model_dir, *extra, gin_file="tests/configs/tiny_run.gin"):
+    """`launch.train.main` in this process (no start-up cost): returns the `error: ...`
+    line it exits with, or None when it trains to the end. Leaves gin and logging as
+    it found them."""
+    from launch import train as launch_train
+    from t5x_like import gin_config
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    gin_config.reset()
+    try:
+        launch_train.main([f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{model_dir}'",
+                           *extra])
+        return None
+    except SystemExit as e:
+        return str(e.code)
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        gin_config.reset()
+
+
+@contextlib.contextmanager
+def read_only(path):
+    """`path` read-only for this process: a read-only bind mount as root (for whom
+    permissions do not count), chmod otherwise. Skips the test where neither works."""
+    if os.geteuid() != 0:
+        mode = os.stat(path).st_mode
+        os.chmod(path, 0o555)
+        try:
+            yield
+        finally:
+            os.chmod(path, mode)
+        return
+    mounted = subprocess.run(["mount", "--bind", path, path], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot bind-mount as root here: {mounted.stderr!r}")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", path], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", path], check=True)

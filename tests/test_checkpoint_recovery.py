@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from launch_helpers import overwrite_bytes_in_largest_array_file, read_only
 from t5x_like import checkpoints, optimizers, partitioning, trainer
 from t5x_like.models import t5
 
@@ -85,6 +86,23 @@ def test_corrupt_latest_is_set_aside_and_previous_used(tmp_path, source, caplog)
     assert_trees_equal(restored, state)
     assert ckpt.all_steps() == [1, 2]                       # nothing valid deleted
     assert os.listdir(f"{directory}.corrupt")[0].startswith("3-")   # set aside, kept
+    ckpt.close()
+
+
+def test_flipped_bytes_are_caught_set_aside_and_previous_used(tmp_path, source, caplog):
+    state, layout = source
+    directory = str(tmp_path / "checkpoints")
+    save_steps(directory, state, [1, 2])
+    overwrite_bytes_in_largest_array_file(f"{directory}/2")
+
+    ckpt = checkpoints.Checkpointer(directory=directory)
+    with caplog.at_level(logging.WARNING):
+        step, restored, _ = ckpt.restore_latest(abstract_state=layout.abstract_with_shardings())
+    assert step == 1
+    assert "Checkpoint step 2" in caplog.text and "corrupt" in caplog.text
+    assert_trees_equal(restored, state)
+    assert ckpt.all_steps() == [1]
+    assert os.listdir(f"{directory}.corrupt")[0].startswith("2-")
     ckpt.close()
 
 
@@ -163,10 +181,10 @@ def test_init_from_params_only_with_rename_and_dtype_cast(tmp_path, source, one_
 
 
 WRITE_FAILURE = r'''
-import resource, signal, sys
+import resource, signal, sys, time
 import jax, jax.numpy as jnp
 from t5x_like import checkpoints
-directory = sys.argv[1]
+directory, how = sys.argv[1:]
 state = {"w": jnp.arange(4 * 1024 * 1024, dtype=jnp.float32)}     # 16 MB
 ckpt = checkpoints.Checkpointer(directory=directory)
 ckpt.save(1, {"w": jnp.ones((8,))}, data_position={"step": 1})
@@ -175,15 +193,24 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)                      # EFBIG inste
 resource.setrlimit(resource.RLIMIT_FSIZE, (1024 * 1024, resource.RLIM_INFINITY))  # "disk full"
 try:
     ckpt.save(2, state, data_position={"step": 2})
-    ckpt.wait_until_finished()
+    if how == "wait":
+        ckpt.wait_until_finished()
+    else:                 # what train() does after every step: no wait, no further save
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            ckpt.raise_if_save_failed()
+            time.sleep(0.05)
 except checkpoints.CheckpointWriteError as e:
     print("ERROR:", e)
 '''
 
 
-def test_disk_full_during_save_is_a_clear_error_and_keeps_the_previous(tmp_path):
+@pytest.mark.parametrize("how", ["wait", "poll"])
+def test_disk_full_during_save_is_a_clear_error_and_keeps_the_previous(tmp_path, how):
+    """The write of step 2 fails in the background; the error names step 2, whether
+    the caller waits for the save or polls for its failure after each step."""
     directory = str(tmp_path / "checkpoints")
-    proc = subprocess.run([sys.executable, "-c", WRITE_FAILURE, directory],
+    proc = subprocess.run([sys.executable, "-c", WRITE_FAILURE, directory, how],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert "ERROR: Writing the checkpoint for step 2" in proc.stdout, proc.stderr[-3000:]
@@ -192,3 +219,43 @@ def test_disk_full_during_save_is_a_clear_error_and_keeps_the_previous(tmp_path)
     assert ckpt.all_steps() == [1]
     restored, _ = ckpt.restore(1, abstract_state={"w": jax.ShapeDtypeStruct((8,), jnp.float32)})
     np.testing.assert_array_equal(restored["w"], np.ones(8))
+
+
+UNWRITABLE_AT_SAVE = r'''
+import sys, time
+import jax.numpy as jnp
+from t5x_like import checkpoints
+ckpt = checkpoints.Checkpointer(directory=sys.argv[1])
+ckpt.save(1, {"w": jnp.ones((8,))}, data_position={"step": 1})
+ckpt.wait_until_finished()
+print("READY", flush=True)
+sys.stdin.readline()                       # the test makes the directory read-only now
+start = time.time()
+try:
+    ckpt.save(2, {"w": jnp.ones((8,))}, data_position={"step": 2})
+    ckpt.wait_until_finished()
+except checkpoints.CheckpointWriteError as e:
+    print(f"ERROR after {time.time() - start:.0f} s:", e, flush=True)
+'''
+
+
+def test_a_directory_that_turns_read_only_fails_the_save_at_once(tmp_path):
+    """Orbax created step directories in a background thread: when that failed, the
+    other writer threads waited 5 minutes for the directory, and the process hung."""
+    directory = tmp_path / "checkpoints"
+    proc = subprocess.Popen([sys.executable, "-c", UNWRITABLE_AT_SAVE, str(directory)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        with read_only(str(directory)):
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert "ERROR after 0 s: Writing the checkpoint for step 2" in out, out[-3000:]
+    assert "step 1, intact" in out
+    assert checkpoints.committed_steps(str(directory)) == [1]

@@ -31,6 +31,6 @@ def test_launcher_names_a_vocabulary_mismatch_in_one_line_before_init(tmp_path):
     log = run_train(str(tmp_path), "--gin.t5.T5Config.vocab_size=8000", expect_rc=1)
     assert log.strip().splitlines()[-1] == (
         "error: the model's vocab_size 8000 does not cover the data's vocabulary of 8100 "
-        "ids (sentinel/extra ids included); set T5Config.vocab_size >= 8100 (T5 rounds it "
-        "up to a multiple of 128, e.g. 32100 -> 32128).")
+        "ids (sentinel/extra ids included) — set T5Config.vocab_size >= 8100 (T5 rounds it "
+        f"up to a multiple of 128, e.g. 32100 -> 32128) (log: {tmp_path}/logs/train.log)")
     assert "Traceback" not in log and "Initialised" not in log

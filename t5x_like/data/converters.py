@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 
+from t5x_like import errors
+
 _DECODER = ("decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights")
 _PACKING = ("segment_ids", "positions")
 
@@ -63,8 +65,8 @@ CONVERTERS: dict[str, Converter] = {
 
 def get(name: str) -> Converter:
     if name not in CONVERTERS:
-        raise ValueError(f"feature_converter {name!r} is not supported; choose from "
-                         f"{sorted(CONVERTERS)}")
+        raise errors.ConfigError(f"feature_converter {name!r} is not supported",
+                                 fix=f"choose from {sorted(CONVERTERS)}")
     return CONVERTERS[name]
 
 
@@ -78,8 +80,10 @@ def model_feature_lengths(task_feature_lengths: Mapping[str, int], *, converter:
     spec = get(converter)
     missing = [k for k in spec.consumes if k not in task_feature_lengths]
     if missing:
-        raise ValueError(f"the {converter} converter needs task lengths for {missing}; "
-                         f"got {dict(task_feature_lengths)}")
+        raise errors.ConfigError(
+            f"the {converter} converter needs task lengths for {missing}; got "
+            f"{dict(task_feature_lengths)}",
+            fix="add them to TASK_FEATURE_LENGTHS (SeqioDataSource.task_feature_lengths)")
     out: dict[str, int] = {}
     if spec.encoder_length is not None:
         encoder = int(spec.encoder_length(task_feature_lengths))

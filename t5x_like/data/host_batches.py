@@ -19,6 +19,8 @@ from typing import Protocol
 
 import numpy as np
 
+from t5x_like import errors
+
 
 class ShardIterator(Protocol):
     """One shard's batches ({name: [rows, L]}) and where it is."""
@@ -41,9 +43,10 @@ class ShardableSource(Protocol):
 def owned_shards(*, num_data_shards: int, process_index: int, process_count: int
                  ) -> range:
     if num_data_shards % process_count:
-        raise ValueError(
-            f"num_data_shards={num_data_shards} must be a multiple of the process count "
-            f"({process_count}) so that every process owns whole shards.")
+        raise errors.ConfigError(
+            f"num_data_shards={num_data_shards} is not a multiple of the process count "
+            f"({process_count}), so some process would own part of a shard",
+            fix="set train_lib.train.num_data_shards to a multiple of the process count")
     per_process = num_data_shards // process_count
     return range(process_index * per_process, (process_index + 1) * per_process)
 
@@ -56,8 +59,10 @@ class HostBatches(Iterator[dict[str, np.ndarray]]):
                  start_step: int, positions: Mapping[int, bytes] | None = None):
         """`positions`: saved shard -> position at `start_step` (None: replay from 0)."""
         if global_batch_size % num_data_shards:
-            raise ValueError(f"global batch size {global_batch_size} must be a multiple "
-                             f"of num_data_shards={num_data_shards}.")
+            raise errors.ConfigError(
+                f"global batch size {global_batch_size} is not a multiple of "
+                f"num_data_shards={num_data_shards}",
+                fix="change BATCH_SIZE or train_lib.train.num_data_shards")
         self.shards = owned_shards(num_data_shards=num_data_shards,
                                    process_index=process_index, process_count=process_count)
         positions = positions or {}

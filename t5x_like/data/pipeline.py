@@ -57,6 +57,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from t5x_like import errors
 from t5x_like.data import converters
 
 log = logging.getLogger(__name__)
@@ -98,13 +99,13 @@ def _lookup(name: str) -> seqio.Task | seqio.Mixture:
         names = _registered_names()
         close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
         hint = f"; did you mean {close}?" if close else ""
-        raise ValueError(
+        raise errors.ConfigError(
             f"unknown seqio task or mixture {name!r}{hint} Registered: {len(names)} "
-            f"names{' e.g. ' + str(names[:10]) if names else ''}. Import the module "
-            "that registers it first: in gin, `import data.tasks` registers the "
-            "bundled pydocs_* tasks (repository checkout), and "
+            f"names{' e.g. ' + str(names[:10]) if names else ''}",
+            fix="import the module that registers it first: in gin, `import data.tasks` "
+            "registers the bundled pydocs_* tasks (repository checkout), and "
             "`@user_tasks.register_text_task()` etc. register your own (README, "
-            "'Your own data').")
+            "'Your own data')")
     return seqio.get_mixture_or_task(name)
 
 
@@ -118,9 +119,9 @@ def _check_vocab_files(provider: seqio.Task | seqio.Mixture) -> None:
             vocab = feature.vocabulary
             path = getattr(vocab, "sentencepiece_model_file", None)
             if path and not tf.io.gfile.exists(path):
-                raise FileNotFoundError(
+                raise errors.InputNotFoundError(
                     f"vocabulary file for task {task.name!r} feature {name!r} not "
-                    f"found: {path}")
+                    f"found: {path}", fix="correct the vocabulary path of the task")
 
 
 def _shard_info(shard_index: int, num_shards: int) -> seqio.ShardInfo | None:
@@ -148,15 +149,17 @@ def _check_yields_data(provider: seqio.Task | seqio.Mixture, *, split: str,
         if key in _NONEMPTY_CHECKED:
             continue
         if task.source.splits and split not in task.source.splits:
-            raise ValueError(f"task {task.name!r} has no split {split!r}; it has "
-                             f"{list(task.source.splits)}")
+            raise errors.ConfigError(f"task {task.name!r} has no split {split!r}",
+                                     fix=f"use one of {list(task.source.splits)}")
         ds = task.get_dataset(dict(lengths), split=split, shuffle=False, num_epochs=1,
                               shard_info=_shard_info(shard_index, num_shards))
         if next(iter(ds.take(1)), None) is None:
-            raise ValueError(
+            raise errors.DataError(
                 f"task {task.name!r} split {split!r} (shard {shard_index} of "
                 f"{num_shards}) yields no examples: its source is empty, whitespace "
-                "only, or every record was skipped as bad (see the logged counts).")
+                "only, or every record was skipped as bad (see the logged counts)",
+                fix="check the files the task reads (or use fewer data shards than "
+                "files)")
         _NONEMPTY_CHECKED.add(key)
 
 
@@ -242,30 +245,37 @@ class SeqioDataSource:
         converter = converters.get(self.feature_converter)
         for key, length in self.task_feature_lengths.items():
             if not isinstance(length, (int, np.integer)) or length <= 0:
-                raise ValueError(f"task_feature_lengths[{key!r}] must be a positive "
-                                 f"int, got {length!r}")
+                raise errors.ConfigError(
+                    f"task_feature_lengths[{key!r}] is {length!r}, not a positive int",
+                    fix="correct TASK_FEATURE_LENGTHS (e.g. {'inputs': 512, "
+                    "'targets': 114})")
         if self.threads < 1 or self.prefetch_batches < 0:
-            raise ValueError(f"threads must be >= 1 and prefetch_batches >= 0, got "
-                             f"{self.threads} and {self.prefetch_batches}")
+            raise errors.ConfigError(
+                f"SeqioDataSource threads={self.threads} and prefetch_batches="
+                f"{self.prefetch_batches}", fix="use threads >= 1 and prefetch_batches >= 0")
         provider = _lookup(self.mixture_or_task_name)
         _check_vocab_files(provider)
         consumed = converter.consumes
         for task in _tasks_of(provider):
             missing = sorted(set(task.output_features) - set(self.task_feature_lengths))
             if missing:
-                raise ValueError(f"task {task.name!r} needs lengths for features "
-                                 f"{missing}; got {dict(self.task_feature_lengths)}")
+                raise errors.ConfigError(
+                    f"task {task.name!r} needs lengths for features {missing}; got "
+                    f"{dict(self.task_feature_lengths)}",
+                    fix="add them to TASK_FEATURE_LENGTHS")
             if set(task.output_features) != set(consumed):
-                raise ValueError(
+                raise errors.ConfigError(
                     f"feature_converter {self.feature_converter!r} consumes features "
                     f"{list(consumed)} but task {task.name!r} emits "
-                    f"{sorted(task.output_features)}; use 'lm' for targets-only tasks and "
-                    "'enc_dec' or 'prefix_lm' for inputs/targets tasks.")
+                    f"{sorted(task.output_features)}",
+                    fix="use 'lm' for targets-only tasks and 'enc_dec' or 'prefix_lm' "
+                    "for inputs/targets tasks")
         extra = sorted(set(self.task_feature_lengths) - set(consumed))
         if extra:
-            raise ValueError(f"task_feature_lengths has {extra}, which feature_converter "
-                             f"{self.feature_converter!r} does not use; give only "
-                             f"{list(consumed)}")
+            raise errors.ConfigError(
+                f"task_feature_lengths has {extra}, which feature_converter "
+                f"{self.feature_converter!r} does not use",
+                fix=f"give only {list(consumed)}")
 
     def eval_sources(self, *, split: str = "validation") -> dict[str, SeqioDataSource]:
         """{task: an unshuffled source of its `split`}, for every task of this source
@@ -304,6 +314,15 @@ class SeqioDataSource:
         """Lengths of the batch features the model sees, e.g. encoder_input_tokens."""
         return converters.model_feature_lengths(
             self.task_feature_lengths, converter=self.feature_converter, pack=self.pack)
+
+    def check(self, *, shard_index: int, num_shards: int) -> None:
+        """Raises a RunError now if this shard cannot yield examples: a source that is
+        empty (or all bad records), lengths too short for the objective. Reads one
+        example per task; train() calls it before building the model."""
+        configure_tensorflow()
+        _check_yields_data(_lookup(self.mixture_or_task_name), split=self.split,
+                           lengths=self.task_feature_lengths, shard_index=shard_index,
+                           num_shards=num_shards)
 
     def dataset(self, *, per_host_batch_size: int, shard_index: int, num_shards: int,
                 start_step: int = 0) -> tf.data.Dataset:

@@ -46,6 +46,8 @@ from typing import Callable, Mapping
 import seqio
 import tensorflow as tf
 
+from t5x_like import errors
+
 DEFAULT_NOISE_DENSITY = 0.15
 DEFAULT_MEAN_NOISE_SPAN_LENGTH = 3.0
 # Below this many encoder tokens the objective degenerates (one or two spans per
@@ -104,9 +106,9 @@ def span_corruption_lengths(*, inputs_length: int,
     may not open a new span), so the corrupted length is monotone in tokens_length.
     """
     if inputs_length < MIN_INPUTS_LENGTH:
-        raise ValueError(
-            f"inputs length {inputs_length} is too short for span corruption; "
-            f"use at least {MIN_INPUTS_LENGTH} tokens.")
+        raise errors.ConfigError(
+            f"inputs length {inputs_length} is too short for span corruption",
+            fix=f"use at least {MIN_INPUTS_LENGTH} tokens (TASK_FEATURE_LENGTHS)")
     if not 0.0 < noise_density < 1.0:
         raise ValueError(f"noise_density must be in (0, 1), got {noise_density}")
     if mean_noise_span_length < 1.0:
@@ -367,22 +369,24 @@ def span_corruption(dataset: tf.data.Dataset, sequence_length: Mapping[str, int]
     if not output_features["targets"].add_eos:
         targets_length -= 1
     if sequence_length.get("targets", targets_length) < targets_length:
-        raise ValueError(
+        raise errors.ConfigError(
             f"targets length {sequence_length['targets']} is too short for span "
             f"corruption with inputs length {sequence_length['inputs']}: it needs "
-            f"{targets_length} (noise tokens + sentinels + EOS); targets would be cut.")
+            f"{targets_length} (noise tokens + sentinels + EOS); targets would be cut",
+            fix=f"set the targets length to at least {targets_length} "
+            "(TASK_FEATURE_LENGTHS)")
 
     vocabulary = output_features["targets"].vocabulary
     _, max_spans = _noise_counts(tokens_length, noise_density, mean_noise_span_length)
     sentinels = getattr(vocabulary, "extra_ids", None)
     if sentinels is not None and max_spans > sentinels:
-        raise ValueError(
+        raise errors.ConfigError(
             f"span corruption at inputs length {sequence_length['inputs']}, noise density "
             f"{noise_density} and mean span {mean_noise_span_length} makes {max_spans} noise "
             f"spans per example, but the vocabulary has only {sentinels} sentinel ids "
-            "(extra_ids): the others would reuse ordinary tokens. Use a vocabulary with "
-            f"extra_ids >= {max_spans} (vocabularies.sentencepiece(extra_ids=...)) or a "
-            "longer mean_noise_span_length.")
+            "(extra_ids): the others would reuse ordinary tokens",
+            fix=f"use a vocabulary with extra_ids >= {max_spans} "
+            "(vocabularies.sentencepiece(extra_ids=...)) or a longer mean_noise_span_length")
 
     dataset = _ensure_tokens(dataset, output_features, objective="span_corruption")
     dataset = concatenate_and_split(dataset, length=tokens_length, key="targets")
@@ -409,8 +413,9 @@ def causal_lm(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
     if length is None:
         raise ValueError(f"causal_lm needs sequence_length['targets'] (got {sequence_length!r})")
     if length < MIN_LM_LENGTH:
-        raise ValueError(f"targets length {length} is too short for causal LM; use at "
-                         f"least {MIN_LM_LENGTH} tokens.")
+        raise errors.ConfigError(
+            f"targets length {length} is too short for causal LM",
+            fix=f"use at least {MIN_LM_LENGTH} tokens (TASK_FEATURE_LENGTHS)")
     dataset = _ensure_tokens(dataset, output_features, objective="causal_lm")
     dataset = dataset.map(lambda ex: {"targets": ex["targets"]})
     dataset = append_eos(dataset, {"targets": output_features["targets"]})
@@ -426,9 +431,10 @@ def prefix_lm_tokens_length(*, inputs_length: int, targets_length: int) -> int:
     """
     n = min(inputs_length, targets_length) - 2
     if min(inputs_length, targets_length) < MIN_PREFIX_LM_LENGTH:
-        raise ValueError(
+        raise errors.ConfigError(
             f"feature lengths inputs={inputs_length}, targets={targets_length} are too "
-            f"short for prefix LM; both must be at least {MIN_PREFIX_LM_LENGTH}.")
+            "short for prefix LM",
+            fix=f"make both at least {MIN_PREFIX_LM_LENGTH} (TASK_FEATURE_LENGTHS)")
     return n
 
 

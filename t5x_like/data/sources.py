@@ -27,6 +27,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from t5x_like import errors
+
 log = logging.getLogger(__name__)
 
 _CHECK_BATCH = 256
@@ -115,7 +117,9 @@ def _split_files(patterns: Patterns) -> dict[str, list[str]]:
         globs = [pattern] if isinstance(pattern, str) else list(pattern)
         files = sorted({f for g in globs for f in tf.io.gfile.glob(g)})
         if not files:
-            raise FileNotFoundError(f"no files match {pattern!r} (split {split!r})")
+            raise errors.InputNotFoundError(
+                f"no files match {pattern!r} (split {split!r})",
+                fix="correct the task's `patterns` (a glob, a list, or {split: glob})")
         out[split] = files
     return out
 

@@ -43,6 +43,9 @@ class StepIterator:
 class _StepSource:
     """`iterator` for sources whose `batch(step=, shard_index=, batch_size=)` is pure."""
 
+    def check(self, *, shard_index: int, num_shards: int) -> None:
+        """Every shard of a synthetic source yields batches: nothing can be wrong."""
+
     def stream_identity(self) -> dict:
         """The source's kind and settings: they define its batches."""
         return {"source": type(self).__name__, **dataclasses.asdict(self)}

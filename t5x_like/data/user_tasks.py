@@ -33,6 +33,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from t5x_like import errors
 from t5x_like.data import preprocessors, sources, vocabularies
 # Chunks are shuffled after the objective; ~1000 mixes many documents in little memory.
 SHUFFLE_BUFFER_SIZE = 1000
@@ -47,8 +48,8 @@ def output_features(objective: str, vocabulary: seqio.Vocabulary
 
 def _objective(name: str) -> preprocessors.Objective:
     if name not in preprocessors.OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; choose from "
-                         f"{sorted(preprocessors.OBJECTIVES)}")
+        raise errors.ConfigError(f"unknown objective {name!r}",
+                                 fix=f"choose one of {sorted(preprocessors.OBJECTIVES)}")
     return preprocessors.OBJECTIVES[name]
 
 
@@ -165,9 +166,11 @@ def register_mixture(*, name: str, rates: Mapping[str, float]) -> str:
     """
     unknown = sorted(set(rates) - set(seqio.TaskRegistry.names()))
     if unknown:
-        raise ValueError(f"mixture {name!r}: unknown tasks {unknown}; register them first")
+        raise errors.ConfigError(f"mixture {name!r}: unknown tasks {unknown}",
+                                 fix="register them first")
     if not rates or any(r <= 0 for r in rates.values()):
-        raise ValueError(f"mixture {name!r}: rates must be positive, got {dict(rates)}")
+        raise errors.ConfigError(f"mixture {name!r}: rates {dict(rates)} are not all "
+                                 "positive", fix="give every task a rate > 0")
     _replace(seqio.MixtureRegistry, name)
     seqio.MixtureRegistry.add(name, list(rates.items()))
     return name

@@ -25,6 +25,8 @@ import pathlib
 import seqio
 import tensorflow as tf
 
+from t5x_like import errors
+
 # Next to this module, in a checkout (through the link) and in an installed copy.
 BUNDLED_SENTENCEPIECE = str(pathlib.Path(__file__).parent / "vocab" / "pydocs_8k.model")
 DEFAULT_EXTRA_IDS = 100
@@ -38,13 +40,15 @@ def sentencepiece(*, path: str = BUNDLED_SENTENCEPIECE,
     start-up with the path in the message.
     """
     if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"SentencePiece model not found: {path}")
+        raise errors.InputNotFoundError(
+            f"SentencePiece model not found: {path}",
+            fix="correct vocabularies.sentencepiece.path (omit it for the bundled model)")
     vocab = seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
     ids = (vocab.pad_id, vocab.eos_id, vocab.unk_id)
     if ids != (0, 1, 2):
-        raise ValueError(f"SentencePiece model {path} has pad/eos/unk ids {ids}; this "
-                         "pipeline needs 0/1/2 (train with --pad_id=0 --eos_id=1 "
-                         "--unk_id=2 --bos_id=-1).")
+        raise errors.ConfigError(
+            f"SentencePiece model {path} has pad/eos/unk ids {ids}; this pipeline needs "
+            "0/1/2", fix="train it with --pad_id=0 --eos_id=1 --unk_id=2 --bos_id=-1")
     return vocab
 
 
