@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from t5x_like import metrics as metrics_lib, partitioning
+from t5x_like import errors, metrics as metrics_lib, partitioning
 from t5x_like.data import host_batches
 from t5x_like.trainer import Model
 
@@ -126,16 +126,21 @@ class TeacherForcedEvaluator:
                  batch_feature_names: tuple[str, ...], batch_size: int, num_batches: int,
                  logdir: str | None):
         if num_batches < 1:
-            raise ValueError(f"eval_batches must be >= 1, got {num_batches}")
+            raise errors.ConfigError(f"eval_batches must be >= 1, got {num_batches}",
+                                     fix="set train_lib.train.eval_batches to 1 or more")
         if not sources:
-            raise ValueError("no task to evaluate: none has a validation split")
+            raise errors.ConfigError("no task to evaluate: none has a validation split",
+                                     fix="give the task a validation split, or set "
+                                     "train_lib.train.eval_every_steps=0")
         self._partitioner = partitioner
         self._step = jit_eval_step(model, partitioner=partitioner,
                                    param_shardings=param_shardings,
                                    batch_feature_names=batch_feature_names)
         if batch_size % jax.process_count():
-            raise ValueError(f"eval batch size {batch_size} must divide evenly over "
-                             f"{jax.process_count()} processes")
+            raise errors.ConfigError(f"eval batch size {batch_size} does not divide evenly "
+                                     f"over {jax.process_count()} processes",
+                                     fix="use a batch size that is a multiple of the "
+                                     "process count")
         rows = batch_size // jax.process_count()
         mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
         self._batches = {}
@@ -181,9 +186,9 @@ def evaluator_for_run(*, run: Any, partitioner: partitioning.Partitioner,
     """The evaluator of a RunConfig: its training source's `split`, task by task."""
     data = run.train_data
     if not hasattr(data, "eval_sources"):
-        raise ValueError(f"the run's train_data ({type(data).__name__}) cannot give "
-                         "validation data (it has no eval_sources); set "
-                         "train.eval_every_steps=0")
+        raise errors.ConfigError(f"the run's train_data ({type(data).__name__}) cannot give "
+                                 "validation data (it has no eval_sources)",
+                                 fix="set train_lib.train.eval_every_steps=0")
     sources = data.eval_sources(split=split)
     return TeacherForcedEvaluator(
         model=run.model, sources=sources, partitioner=partitioner,

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 from flax import traverse_util
 
-from t5x_like import checkpoints
+from t5x_like import checkpoints, errors
 from t5x_like.hf import llama, safetensors_io, t5
 
 FAMILIES = {"t5": t5, "llama": llama}     # config.json's model_type -> importer
@@ -45,11 +45,14 @@ def restore_params(init_from: checkpoints.InitFrom, *, abstract_params: Any) -> 
     directory = init_from.directory
     model_type = safetensors_io.read_config(directory).get("model_type")
     if model_type not in FAMILIES:
-        raise ValueError(f"{directory} holds a Hugging Face {model_type!r} model; init_from "
-                         f"reads {sorted(FAMILIES)} (config.json's model_type)")
+        raise errors.ConfigError(
+            f"{directory} holds a Hugging Face {model_type!r} model; init_from reads "
+            f"{sorted(FAMILIES)} (config.json's model_type)",
+            fix="point PRETRAINED_DIR at a T5 or Llama checkpoint")
     if not init_from.strict:
-        raise ValueError("init_from a Hugging Face directory takes the model whole: "
-                         "strict=False is not supported there")
+        raise errors.ConfigError("init_from a Hugging Face directory takes the model whole: "
+                                 "strict=False is not supported there",
+                                 fix="drop checkpoints.InitFrom.strict=False")
     ours = checkpoints.flatten_with_paths(abstract_params)
     source_of = {path: init_from.source_path(path) for path in ours}
     shardings = traverse_util.unflatten_dict(
@@ -60,15 +63,15 @@ def restore_params(init_from: checkpoints.InitFrom, *, abstract_params: Any) -> 
             directory, shardings=shardings, scan_layers=_is_scanned(list(ours)))
     except (KeyError, ValueError) as e:   # a parameter on one side only; unsplittable shape
         raise checkpoints.CheckpointMismatchError(
-            f"{problem}: {e.args[0] if e.args else e} Does the gin model config match its "
-            "config.json?") from e
+            f"{problem}: {e.args[0] if e.args else e}",
+            fix="make the gin model config match its config.json") from e
     loaded = checkpoints.flatten_with_paths(imported)
     reshaped = [f"{path} {tuple(loaded[source_of[path]].shape)}->{tuple(leaf.shape)}"
                 for path, leaf in ours.items()
                 if tuple(loaded[source_of[path]].shape) != tuple(leaf.shape)]
     if reshaped:
         raise checkpoints.CheckpointMismatchError(
-            f"{problem}: shapes differ (checkpoint->run): {reshaped[:8]}. Make the gin "
-            "model config match its config.json.")
+            f"{problem}: shapes differ (checkpoint->run): {reshaped[:8]}",
+            fix="make the gin model config match its config.json")
     values = [loaded[source_of[path]].astype(leaf.dtype) for path, leaf in ours.items()]
     return jax.tree.unflatten(jax.tree.structure(abstract_params), values)
