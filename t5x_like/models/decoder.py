@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_like.models import attention, flop_count, kv_cache, layers, losses
+from t5x_like.models import attention, flop_count, kv_cache, layers, trainable
 
 Array = jax.Array
 
@@ -304,7 +304,7 @@ def left_aligned_prompts(batch: Mapping[str, Array]) -> tuple[Array, Array, bool
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DecoderOnlyModel:
+class DecoderOnlyModel(trainable.TrainableLM):
     """Trainer-facing decoder-only LM (causal, or prefix LM when the batch says so).
 
     `loss_normalization` ('tokens', 'total_tokens', 'sequences') chooses what the
@@ -312,28 +312,14 @@ class DecoderOnlyModel:
     """
 
     config: DecoderConfig
-    z_loss: float = 1e-4
-    label_smoothing: float = 0.0
-    loss_normalization: str = 'tokens'
 
     @property
     def module(self) -> Decoder:
         return Decoder(config=self.config)
 
-    @property
-    def vocab_size(self) -> int:
-        """Token ids the model embeds and predicts; the data's must be below it."""
-        return self.config.vocab_size
-
     def init_lengths(self, feature_lengths: Mapping[str, int]) -> dict[str, int]:
         """The `init_params` lengths for batches with these (seqio) feature lengths."""
         return {'decoder_length': feature_lengths['decoder_target_tokens']}
-
-    def training_flops_per_step(self, *, feature_lengths: Mapping[str, int],
-                                batch_size: int) -> float:
-        """Model FLOPs of one training step on `batch_size` rows (the MFU numerator)."""
-        return batch_size * self.config.training_flops_per_sequence(
-            **self.init_lengths(feature_lengths))
 
     def count_real_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
         """Non-padding target tokens in a host batch (prefix LM: the prefix too)."""
@@ -399,18 +385,3 @@ class DecoderOnlyModel:
             cache_write=kv_cache.CacheWrite(index=slot, mask_Bx1xQxT=mask),
             mutable=['cache'])
         return logits[:, 0], state.replace(cache=variables['cache'])
-
-    def loss_and_metrics(
-        self, params, batch: Mapping[str, Array], *, dropout_rng: Array | None
-    ) -> tuple[Array, dict[str, Array]]:
-        """Normalised loss plus exact sums (see EncoderDecoderModel for the keys)."""
-        logits_BxLxV = self.logits(params, batch, dropout_rng=dropout_rng)
-        return losses.loss_and_metric_sums(
-            logits_BxLxV,
-            batch['decoder_target_tokens'],
-            batch['decoder_loss_weights'],
-            segment_ids_BxL=batch.get('decoder_segment_ids'),
-            z_loss=self.z_loss,
-            label_smoothing=self.label_smoothing,
-            normalization=self.loss_normalization,
-        )

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_like.models import attention, flop_count, kv_cache, layers, losses, t5_layers
+from t5x_like.models import (attention, flop_count, kv_cache, layers, t5_layers,
+                             trainable)
 
 Array = jax.Array
 
@@ -324,34 +325,19 @@ class DecodeState:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EncoderDecoderModel:
+class EncoderDecoderModel(trainable.TrainableLM):
     """What the trainer needs from a model: parameter init and a loss on a batch."""
 
     config: T5Config
-    z_loss: float = 1e-4
-    label_smoothing: float = 0.0
-    # 'tokens' | 'total_tokens' | 'sequences'; see losses.normalized_weights.
-    loss_normalization: str = 'tokens'
 
     @property
     def module(self) -> Transformer:
         return Transformer(config=self.config)
 
-    @property
-    def vocab_size(self) -> int:
-        """Token ids the model embeds and predicts; the data's must be below it."""
-        return self.config.vocab_size
-
     def init_lengths(self, feature_lengths: Mapping[str, int]) -> dict[str, int]:
         """The `init_params` lengths for batches with these (seqio) feature lengths."""
         return {'encoder_length': feature_lengths['encoder_input_tokens'],
                 'decoder_length': feature_lengths['decoder_target_tokens']}
-
-    def training_flops_per_step(self, *, feature_lengths: Mapping[str, int],
-                                batch_size: int) -> float:
-        """Model FLOPs of one training step on `batch_size` rows (the MFU numerator)."""
-        return batch_size * self.config.training_flops_per_sequence(
-            **self.init_lengths(feature_lengths))
 
     def count_real_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
         """Non-padding tokens in a host batch: encoder inputs plus decoder targets."""
@@ -425,24 +411,4 @@ class EncoderDecoderModel:
             decoder_positions=batch.get('decoder_positions'),
             enable_dropout=dropout_rng is not None,
             rngs=rngs,
-        )
-
-    def loss_and_metrics(
-        self, params, batch: Mapping[str, Array], *, dropout_rng: Array | None
-    ) -> tuple[Array, dict[str, Array]]:
-        """Mean loss over weighted target tokens, plus exact sums for aggregation.
-
-        metrics: loss_sum (cross-entropy + z-loss, weighted), z_loss_sum,
-        accuracy_sum (weighted count of argmax == target), weight_sum.
-        Dropout is on iff `dropout_rng` is given.
-        """
-        logits_BxLxV = self.logits(params, batch, dropout_rng=dropout_rng)
-        return losses.loss_and_metric_sums(
-            logits_BxLxV,
-            batch['decoder_target_tokens'],
-            batch['decoder_loss_weights'],
-            segment_ids_BxL=batch.get('decoder_segment_ids'),
-            z_loss=self.z_loss,
-            label_smoothing=self.label_smoothing,
-            normalization=self.loss_normalization,
         )

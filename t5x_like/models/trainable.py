@@ -1,0 +1,60 @@
+"""What both families' trainer-facing model wrappers share: the loss and its settings.
+
+`t5.EncoderDecoderModel` and `decoder.DecoderOnlyModel` differ in their inputs
+(which features, which lengths, which module) but not in how a batch's decoder
+targets become a loss, nor in what they tell the trainer about vocabulary and FLOPs:
+that part lives here once (see `trainer.Model` for the whole contract).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from t5x_like.models import losses
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainableLM:
+    """Loss settings and the loss on `decoder_target_tokens`, for a model whose
+    `config` counts its FLOPs and whose `logits` the subclass defines."""
+
+    config: Any
+    z_loss: float = 1e-4
+    label_smoothing: float = 0.0
+    # 'tokens' | 'total_tokens' | 'sequences'; see losses.normalized_weights.
+    loss_normalization: str = 'tokens'
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model embeds and predicts; the data's must be below it."""
+        return self.config.vocab_size
+
+    def training_flops_per_step(self, *, feature_lengths: Mapping[str, int],
+                                batch_size: int) -> float:
+        """Model FLOPs of one training step on `batch_size` rows (the MFU numerator)."""
+        return batch_size * self.config.training_flops_per_sequence(
+            **self.init_lengths(feature_lengths))
+
+    def loss_and_metrics(
+        self, params, batch: Mapping[str, jax.Array], *, dropout_rng: jax.Array | None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Mean loss over weighted target tokens, plus exact sums for aggregation.
+
+        metrics: loss_sum (cross-entropy + z-loss, weighted), z_loss_sum,
+        accuracy_sum (weighted count of argmax == target), weight_sum.
+        Dropout is on iff `dropout_rng` is given.
+        """
+        logits_BxLxV = self.logits(params, batch, dropout_rng=dropout_rng)
+        return losses.loss_and_metric_sums(
+            logits_BxLxV,
+            batch['decoder_target_tokens'],
+            batch['decoder_loss_weights'],
+            segment_ids_BxL=batch.get('decoder_segment_ids'),
+            z_loss=self.z_loss,
+            label_smoothing=self.label_smoothing,
+            normalization=self.loss_normalization,
+        )
