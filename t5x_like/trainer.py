@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from t5x_like import xla_options
 from t5x_like.optimizers import Optimizer
 from t5x_like.partitioning import Partitioner
 
@@ -247,6 +248,7 @@ class JittedStep:
 
     Call it to train; `lower` it with abstract arguments to compile ahead of time
     (launch/compile.py's fit check), so the fit check compiles exactly this step.
+    XLA options for the mesh's platform come from xla_options.py.
     """
 
     def __init__(self, train_step: Callable, *, partitioner: Partitioner,
@@ -257,7 +259,9 @@ class JittedStep:
         self._jitted = jax.jit(train_step,
                                in_shardings=(layout.shardings, batch_shardings),
                                out_shardings=(layout.shardings, replicated),
-                               donate_argnums=(0,))
+                               donate_argnums=(0,),
+                               compiler_options=xla_options.train_step_options(
+                                   partitioner.mesh.devices.flat[0].platform))
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         with self._partitioner.context():
