@@ -131,7 +131,7 @@ def project_trailing(x: Array, kernel: Array, num_contracted: int, dtype: Any,
     layout, through the data-parallel all-reduce, into every fused optimizer op,
     each of which then reads the gradient with a stride: for the 512 x 32128 logits
     kernel of T5.1.1-small on 8 simulated devices that was a fifth of the step
-    (benchmarks/RESULTS.md, "The training step on CPU": 12.2 -> 9.0 s/step). The
+    (benchmarks/RESULTS.md, "The training step on CPU": about 12.2 -> 10.7 s/step). The
     dots and dtype casts are autodiff's own, in the other operand order, so values
     agree to float summation order (tests/test_models_layers.py).
     """
