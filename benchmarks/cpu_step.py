@@ -54,7 +54,7 @@ ROWS = {
     '8dev_fsdp': (ISSUE_RUN, 8, 'fsdp', False),
     'base': ('configs/base.gin', 1, None, False),
 }
-# Issue 15's goals (s/step, peak RSS GiB) and what it measured before (s/step).
+# Issue 15's goals: (s/step, peak RSS GiB or None) per row.
 GOALS = {'1dev': (7.2, 3.5), '8dev_dp': (11.9, None), '8dev_fsdp': (10.0, None)}
 FIRST_TIMED_STEP = 6
 

@@ -9,9 +9,10 @@ that independent ops can run at the same time, which keeps many activations and
 their gradients alive at once. The memory-optimised scheduler orders the same ops
 to free buffers early. Scheduling changes no arithmetic (the losses stay bitwise
 equal; tests/test_xla_options.py), and on the issue-15 run (T5.1.1-small, 512/114,
-batch 8, 2 cores) it cut XLA's temporaries from 3.69 to 2.41 GiB and the step from
-6.67 to 5.81 s: on two cores there is little concurrency to win, and less memory
-traffic is faster (benchmarks/RESULTS.md, "The training step on CPU").
+batch 8, 2 cores) it cut XLA's temporaries from 3.69 to 2.41 GiB and peak RSS from
+about 6.0 to 4.7 GiB, with the step no slower (faster in every run: on two cores
+there is little concurrency to win; benchmarks/RESULTS.md, "The training step on
+CPU").
 
 GPU and TPU: none yet (their schedulers are latency-hiding ones with their own
 memory limits; GPU flags wait for a measurement on a GPU).
