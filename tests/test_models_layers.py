@@ -20,16 +20,16 @@ def _plain(x, kernel, num_contracted, dtype, out_dtype):
                                preferred_element_type=out_dtype)
 
 
-@pytest.mark.parametrize("x_shape,kernel_shape,dtype,out_dtype", [
-    ((4, 7, 16), (16, 40), jnp.float32, jnp.float32),              # logits-like, float32
-    ((4, 7, 16), (16, 40), jnp.bfloat16, jnp.float32),             # bf16 compute, f32 logits
-    ((4, 7, 3, 8), (3, 8, 16), jnp.bfloat16, jnp.bfloat16),        # output projection
+@pytest.mark.parametrize("x_shape,kernel_shape,num_contracted,dtype,out_dtype", [
+    ((4, 7, 16), (16, 40), 1, jnp.float32, jnp.float32),           # logits-like, float32
+    ((4, 7, 16), (16, 40), 1, jnp.bfloat16, jnp.float32),          # bf16 compute, f32 logits
+    ((4, 7, 3, 8), (3, 8, 16), 2, jnp.bfloat16, jnp.bfloat16),     # output projection
 ])
-def test_gradients_equal_autodiff_of_the_plain_dot(x_shape, kernel_shape, dtype, out_dtype):
+def test_gradients_equal_autodiff_of_the_plain_dot(x_shape, kernel_shape, num_contracted,
+                                                   dtype, out_dtype):
     kx, kk, kc = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, x_shape, jnp.float32)
     kernel = jax.random.normal(kk, kernel_shape, jnp.float32)
-    num_contracted = len(kernel_shape) - 1 if len(x_shape) == 4 else 1
     out_shape = x_shape[:len(x_shape) - num_contracted] + kernel_shape[num_contracted:]
     cotangent = jax.random.normal(kc, out_shape, jnp.float32)
 
