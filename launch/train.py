@@ -30,12 +30,13 @@ def main(argv: list[str] | None = None) -> None:
 
         import gin
         import jax
-        from t5x_like import run_config
+        from t5x_like import run_config, run_dir, storage
         from t5x_like import train as train_lib
         model_dir = gin.get_bindings(train_lib.train).get("model_dir")
         if model_dir:
-            launcher.log_to_file(train_lib.log_file(model_dir, jax.process_index()))
-            launcher.watch_checkpoints(train_lib.checkpoint_directory(model_dir))
+            storage.check_supported(model_dir, what="MODEL_DIR")
+            launcher.log_to_file(run_dir.log_file(model_dir, jax.process_index()))
+            launcher.watch_checkpoints(run_dir.checkpoints(model_dir))
         gin.get_configurable(train_lib.train)(run=run_config.from_gin())
 
 

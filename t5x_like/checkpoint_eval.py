@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
-from t5x_like import checkpoints, evaluation, metrics as metrics_lib, predictions
+from t5x_like import (checkpoints, evaluation, metrics as metrics_lib, predictions,
+                      run_dir, storage)
 
 log = logging.getLogger(__name__)
 
@@ -62,26 +62,24 @@ def parse_checkpoint(value: str | int) -> str | int:
 
 
 class EvalRecords:
-    """The JSON file of each evaluated step, and which steps are done."""
+    """The JSON file of each evaluated step, and which steps are done (a local folder
+    or a URL: storage.py)."""
 
     def __init__(self, directory: str, *, settings: dict[str, Any]):
         self.directory = directory
         self.settings = settings
 
     def path(self, step: int) -> str:
-        return os.path.join(self.directory, f"checkpoint_{step}.json")
+        return storage.join(self.directory, f"checkpoint_{step}.json")
 
     def done(self) -> set[int]:
         """Steps evaluated before with these settings."""
-        if not os.path.isdir(self.directory):
-            return set()
         steps = set()
-        for name in os.listdir(self.directory):
+        for name in storage.list_dir(self.directory):
             if not (name.startswith("checkpoint_") and name.endswith(".json")):
                 continue
             try:
-                with open(os.path.join(self.directory, name)) as f:
-                    record = json.load(f)
+                record = json.loads(storage.read_text(storage.join(self.directory, name)))
             except (OSError, ValueError):
                 continue              # unreadable: evaluate that step again
             if record.get("settings") == self.settings:
@@ -93,15 +91,12 @@ class EvalRecords:
         record = {"step": step, "settings": self.settings, "tasks": results,
                   "examples": {task: [{"target": t, "prediction": p} for t, p in pairs]
                                for task, pairs in examples.items()}}
-        os.makedirs(self.directory, exist_ok=True)
-        partial = self.path(step) + ".tmp"
-        with open(partial, "w") as f:
-            json.dump(record, f, indent=2, sort_keys=True)
-        os.replace(partial, self.path(step))       # a crash leaves no half-written record
+        # Whole or not at all: a crash leaves no half-written record.
+        storage.write_text(self.path(step), json.dumps(record, indent=2, sort_keys=True))
 
 
 def _existing_steps(directory: str) -> list[int]:
-    if not os.path.isdir(directory):
+    if not storage.is_dir(directory):
         return []
     reader = checkpoints.CheckpointReader(directory)
     try:
@@ -195,7 +190,7 @@ class StepEvaluator:
             for task, values in scores.items():
                 if task not in self._writers:
                     self._writers[task] = metrics_lib.TensorBoardWriter(
-                        logdir=os.path.join(self._records.directory, task))
+                        logdir=storage.join(self._records.directory, task))
                 self._writers[task].write_scalars(step, values)
             self._records.write(step, scores, examples={
                 task: pairs[:EXAMPLES_IN_RECORD] for task, pairs in examples.items()})
@@ -233,9 +228,10 @@ def evaluate_checkpoints(*, run: Any, model_dir: str, checkpoint: str | int = "l
         when None).
     """
     mode = parse_checkpoint(checkpoint)
-    directory = os.path.join(os.path.abspath(model_dir), "checkpoints")
+    model_dir = storage.resolve(model_dir)
+    directory = run_dir.checkpoints(model_dir)
     _check_request(directory, mode, watch)
-    records = EvalRecords(os.path.join(model_dir, "eval"), settings={
+    records = EvalRecords(run_dir.eval_dir(model_dir), settings={
         "split": split, "eval_batches": eval_batches, "batch_size": run.batch_size,
         "predictor": predictor.settings, "num_examples": num_examples})
     evaluator = StepEvaluator(run=run, records=records, eval_batches=eval_batches,
@@ -244,7 +240,7 @@ def evaluate_checkpoints(*, run: Any, model_dir: str, checkpoint: str | int = "l
     reader, seen, last_new = None, set(), time.monotonic()
     try:
         while True:
-            if reader is None and os.path.isdir(directory):
+            if reader is None and storage.is_dir(directory):
                 reader = checkpoints.CheckpointReader(directory)
             available = reader.steps() if reader else []
             if set(available) - seen:

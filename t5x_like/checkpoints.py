@@ -379,7 +379,7 @@ class CheckpointReader:
     """
 
     def __init__(self, directory: str):
-        if not os.path.isdir(directory):
+        if not epath.Path(directory).is_dir():
             raise FileNotFoundError(f"no checkpoint directory {directory}")
         self.directory = directory
         self._manager = ocp.CheckpointManager(

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -34,7 +33,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from t5x_like import errors, metrics as metrics_lib, partitioning
+from t5x_like import errors, metrics as metrics_lib, partitioning, storage
 from t5x_like.data import host_batches
 from t5x_like.trainer import Model
 
@@ -153,7 +152,7 @@ class TeacherForcedEvaluator:
         self._writers = {}
         if logdir is not None and jax.process_index() == 0:
             self._writers = {task: metrics_lib.TensorBoardWriter(
-                logdir=os.path.join(logdir, task)) for task in sources}
+                logdir=storage.join(logdir, task)) for task in sources}
 
     @property
     def tasks(self) -> list[str]:

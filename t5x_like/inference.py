@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from t5x_like import checkpoints, decoding, partitioning
+from t5x_like import checkpoints, decoding, partitioning, run_dir, storage
 
 log = logging.getLogger(__name__)
 
@@ -118,15 +118,14 @@ class Prompt:
 
 def read_prompts(path: str, codec: TextCodec | None) -> list[Prompt]:
     """The prompts of a JSONL file; InferError naming the line of any bad one."""
-    if not os.path.isfile(path):
+    if not storage.exists(path) or storage.is_dir(path):
         raise InferError(f"prompts file {path} does not exist — pass a JSONL file with "
                          'one {"inputs": "..."} object per line')
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            prompts.append(_parse_line(line, f"line {number} of {path}", codec))
+    for number, line in enumerate(storage.read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        prompts.append(_parse_line(line, f"line {number} of {path}", codec))
     if not prompts:
         raise InferError(f"prompts file {path} is empty — write one JSON object per line, "
                          'e.g. {"inputs": "def fibonacci(n):"}')
@@ -187,8 +186,7 @@ def abstract_params(model: Any, partitioner: partitioning.Partitioner) -> Any:
 
 def checkpoint_step(directory: str, wanted: str | None) -> int:
     """The step to load: `wanted` (a number) or the newest; InferError if absent."""
-    steps = sorted(int(d) for d in (os.listdir(directory) if os.path.isdir(directory) else [])
-                   if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
+    steps = checkpoints.committed_steps(directory) if storage.is_dir(directory) else []
     if not steps:
         raise InferError(f"no checkpoints in {directory} — train first (python -m "
                          "launch.train with the same --gin_file and MODEL_DIR), or load "
@@ -203,7 +201,7 @@ def checkpoint_step(directory: str, wanted: str | None) -> int:
 
 def from_run(*, model_dir: str, checkpoint: str | None, run: Any) -> Source:
     """A run's checkpoint (its RunConfig from gin: model, mesh, task vocabulary)."""
-    directory = os.path.join(os.path.abspath(model_dir), "checkpoints")
+    directory = run_dir.checkpoints(model_dir)
     step = checkpoint_step(directory, checkpoint)
     data = run.train_data
     converter = getattr(data, "feature_converter", None)
@@ -301,9 +299,10 @@ def run_inference(source: Source, prompts: Sequence[Prompt], *, output: str,
     log.info("Loading %s", source.name)
     model, params = source.load()
     log.info("Decoding %d prompts, %d per batch: %s", len(prompts), batch_size, config)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     start, first_batch_s, first_tokens, tokens = time.perf_counter(), None, 0, 0
-    with open(output, "w", encoding="utf-8") as f:
+    # Locally each line is on disk as it is decoded; on an object store the file
+    # appears whole when it is closed.
+    with storage.open_file(output, "w") as f:
         for index in range(0, len(prompts), batch_size):
             chunk = list(prompts[index:index + batch_size])
             rows = [p.ids for p in chunk] + [chunk[0].ids] * (batch_size - len(chunk))

@@ -35,15 +35,18 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
-from t5x_like import errors, gin_config, preemption
+from t5x_like import errors, gin_config, preemption, storage
 
 # --verbosity -> (TF_CPP_MIN_LOG_LEVEL, level of library loggers). At 0 the console
 # shows none of theirs; their warnings still reach the log file.
 _VERBOSITY = {0: ("3", logging.WARNING), 1: ("1", logging.INFO), 2: ("0", logging.DEBUG)}
-_LIBRARY_LOGGERS = ("absl", "orbax", "jax", "tensorflow", "seqio", "etils")
+_LIBRARY_LOGGERS = ("absl", "orbax", "jax", "tensorflow", "seqio", "etils", "fsspec",
+                    "gcsfs", "google")
 # Loggers of this repository: shown on the console at every verbosity.
 _OUR_LOGGERS = ("t5x_like", "data", "launch", "__main__")
 _FORMAT = "%(asctime)s %(levelname)s %(name)s] %(message)s"
+# How often a log file on an object store is rewritten (a killed run loses at most this).
+LOG_UPLOAD_INTERVAL_S = 10.0
 # A log record with this attribute set goes to the log file only.
 FILE_ONLY = "file_only"
 
@@ -117,12 +120,19 @@ def configure_output(verbosity: int) -> None:
 
 
 def log_to_file(path: str) -> str | None:
-    """Appends every log record from now on to `path` (created with its folder);
-    returns the path, or None if it cannot be written (nothing else fails)."""
+    """Appends every log record from now on to `path` (created with its folder; a
+    local path or a URL); returns the path, or None if it cannot be written (nothing
+    else fails). An object store cannot append: there the log is rewritten whole at
+    most every LOG_UPLOAD_INTERVAL_S seconds and when logging shuts down (which an
+    error exit does before it ends the process)."""
     global _log_file
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        handler = logging.FileHandler(path, mode="a")
+        if storage.is_url(path):
+            handler = _ObjectStoreLogHandler(storage.AppendableFile(
+                path, min_flush_interval_s=LOG_UPLOAD_INTERVAL_S))
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            handler = logging.FileHandler(path, mode="a")
     except OSError as e:
         log.debug("no log file at %s: %s", path, e)
         return None
@@ -131,6 +141,17 @@ def log_to_file(path: str) -> str | None:
     _log_file = path
     log.info("started: %s", " ".join(sys.argv), extra={FILE_ONLY: True})
     return path
+
+
+class _ObjectStoreLogHandler(logging.StreamHandler):
+    """A log file on an object store: `close` (at logging's shutdown) writes the
+    last records, which StreamHandler, not owning its stream, would leave behind."""
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        finally:
+            super().close()
 
 
 def parse_gin(args: argparse.Namespace, bindings: Sequence[str]) -> None:

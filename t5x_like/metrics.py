@@ -22,20 +22,41 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+from tensorboardX import record_writer
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event
 from tensorboardX.summary import scalar
+
+from t5x_like import storage
 
 log = logging.getLogger(__name__)
 
 
 class TensorBoardWriter:
-    """Scalar summaries into `<logdir>/events.out.tfevents.*`, on disk when
-    `write_scalars` returns."""
+    """Scalar summaries into `<logdir>/events.out.tfevents.*`, durable when
+    `write_scalars` returns; `logdir` may be a local folder or a URL (storage.py).
+
+    On an object store each flush rewrites the event file whole (no append there),
+    so a file is closed after EVENTS_PER_REMOTE_FILE events and the next one begun:
+    the bytes written per log point stay bounded however long the run. TensorBoard
+    reads the files of a folder in name order, as one stream.
+    """
 
     def __init__(self, *, logdir: str):
-        os.makedirs(logdir, exist_ok=True)
-        self._events = EventsWriter(os.path.join(logdir, "events"))
+        self._prefix = storage.join(logdir, "events")
+        self._remote = storage.is_url(logdir)
+        if self._remote:
+            _route_event_files_through_storage(storage.scheme(logdir))
+        else:
+            os.makedirs(logdir, exist_ok=True)
+        self._files = 0
+        self._open()
+
+    def _open(self) -> None:
+        suffix = f".{self._files}" if self._remote else ""
+        self._events = EventsWriter(self._prefix, filename_suffix=suffix)
+        self._files += 1
+        self._written = 0
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         wall_time = time.time()
@@ -43,12 +64,35 @@ class TensorBoardWriter:
             self._events.write_event(Event(wall_time=wall_time, step=int(step),
                                            summary=scalar(name, float(value))))
         self._events.flush()     # log points are rare; a killed run keeps its curve
+        self._written += len(scalars)
+        if self._remote and self._written >= EVENTS_PER_REMOTE_FILE:
+            self._events.close()
+            self._open()
 
     def flush(self) -> None:
         self._events.flush()
 
     def close(self) -> None:
         self._events.close()
+
+
+# About 1.5 MB of scalar events: the most one flush rewrites on an object store.
+EVENTS_PER_REMOTE_FILE = 20_000
+
+
+class _StorageEventFiles:
+    """tensorboardX's hook for a URL scheme (its `register_writer_factory`): event
+    files opened through storage.py, the layer every other file of a run uses."""
+
+    def open(self, path: str) -> storage.AppendableFile:
+        return storage.AppendableFile(path)
+
+    def directory_check(self, path: str) -> None:
+        del path                 # object stores have no folders to create
+
+
+def _route_event_files_through_storage(scheme: str) -> None:
+    record_writer.register_writer_factory(scheme, _StorageEventFiles())
 
 
 # How IntervalMeans averages each train-step metric (see its docstring).

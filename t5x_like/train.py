@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
@@ -27,7 +26,7 @@ import jax
 
 from t5x_like import (argument_types, checkpoints, device_peaks, errors, evaluation,
                       metrics as metrics_lib, param_table, partitioning, preemption,
-                      trainer)
+                      run_dir, storage, trainer)
 from t5x_like.data import host_batches
 from t5x_like.run_config import RunConfig
 
@@ -72,16 +71,6 @@ class NonFiniteError(errors.RunError, FloatingPointError):
     """Training stopped on a NaN/Inf loss, gradient or update."""
 
 
-def checkpoint_directory(model_dir: str) -> str:
-    return os.path.join(os.path.abspath(model_dir), "checkpoints")
-
-
-def log_file(model_dir: str, process_index: int) -> str:
-    """Where the launcher writes this process's log (and an error's traceback)."""
-    name = "train.log" if process_index == 0 else f"train.process_{process_index}.log"
-    return os.path.join(os.path.abspath(model_dir), "logs", name)
-
-
 def train(*, run: RunConfig, model_dir: str, train_steps: int,
           num_data_shards: int | None = None,
           checkpoint_every_steps: int = 100, keep_checkpoints: int | None = 3,
@@ -95,8 +84,9 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
 
     Args:
       run: what is trained (see RunConfig); launch.compile compiles the same.
-      model_dir: where checkpoints, TensorBoard events and the gin config go.
-        Rerunning with the same directory resumes from its latest checkpoint.
+      model_dir: where checkpoints, TensorBoard events and the gin config go (a
+        local folder or a URL such as gs://bucket/run; run_dir.py lists what goes
+        where). Rerunning with the same directory resumes from its latest checkpoint.
       num_data_shards: how many shards the input is split into (default: one per
         process). Runs with the same value see the same batches on any number of
         processes that divides it.
@@ -126,12 +116,13 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
             fix="correct the train_lib.train binding")
     # The run's parts, by the names the sections below use.
     model, train_data, batch_size, seed = run.model, run.train_data, run.batch_size, run.seed
+    model_dir = storage.resolve(model_dir)          # a URL stays one; a local path absolute
     is_lead_host = jax.process_index() == 0
     num_data_shards = num_data_shards or jax.process_count()
     if is_lead_host:
         _write_operative_config(model_dir)
     checkpointer = checkpoints.Checkpointer(
-        directory=checkpoint_directory(model_dir), max_to_keep=keep_checkpoints,
+        directory=run_dir.checkpoints(model_dir), max_to_keep=keep_checkpoints,
         keep_period=keep_checkpoint_period, async_save=async_checkpointing)
     checkpointer.check_writable()
     feature_lengths = run.feature_lengths()
@@ -146,19 +137,18 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
     layout = run.state_layout(partitioner, feature_lengths)
     log.info("Devices: %d (%s), processes: %d, %s", jax.device_count(),
              jax.devices()[0].platform, jax.process_count(), partitioner)
-    table_path = os.path.join(model_dir, "parameters.txt")
+    table_path = run_dir.parameter_table(model_dir)
     log.info("Parameters (each one, with its sharding, in %s):\n%s", table_path,
              param_table.module_summary(layout.abstract.params))
     if is_lead_host:
-        with open(table_path, "w") as f:
-            f.write(param_table.parameter_table(layout.abstract.params,
-                                                layout.logical_specs.params,
-                                                layout.shardings.params) + "\n")
+        storage.write_text(table_path, param_table.parameter_table(
+            layout.abstract.params, layout.logical_specs.params,
+            layout.shardings.params) + "\n")
 
     # ----------------------------------------------------------- eval data (before any FLOP)
     evaluator = evaluation.evaluator_for_run(
         run=run, partitioner=partitioner, param_shardings=layout.shardings.params,
-        num_batches=eval_batches, logdir=os.path.join(model_dir, "eval")
+        num_batches=eval_batches, logdir=run_dir.eval_dir(model_dir)
     ) if eval_every_steps else None
 
     # ----------------------------------------------------------- restore or init
@@ -192,7 +182,7 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
 
     # ----------------------------------------------------------- the loop
     train_step = run.jitted_train_step(partitioner, layout, feature_lengths)
-    writer = metrics_lib.TensorBoardWriter(logdir=os.path.join(model_dir, "train")) \
+    writer = metrics_lib.TensorBoardWriter(logdir=run_dir.train_events(model_dir)) \
         if is_lead_host else None
     progress = metrics_lib.Progress(
         total_steps=train_steps, start_step=start_step, num_devices=jax.device_count(),
@@ -370,13 +360,12 @@ def _step_ranges(skipped: list[tuple[int, str]]) -> str:
 def _write_operative_config(model_dir: str) -> None:
     """Creates MODEL_DIR and writes the config there; a NotWritableError if it cannot."""
     try:
-        os.makedirs(model_dir, exist_ok=True)
-        with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
-            f.write(gin.operative_config_str())
+        storage.write_text(run_dir.operative_config(model_dir), gin.operative_config_str())
     except OSError as e:
-        steps = checkpoints.committed_steps(checkpoint_directory(model_dir))
+        steps = checkpoints.committed_steps(run_dir.checkpoints(model_dir))
+        reason = f"{e.strerror}: {e.filename}" if e.strerror else f"{type(e).__name__}: {e}"
         raise errors.NotWritableError(
-            f"MODEL_DIR {model_dir} is not writable ({e.strerror}: {e.filename}); "
+            f"MODEL_DIR {model_dir} is not writable ({reason}); "
             + (f"its checkpoints (latest: step {steps[-1]}) are intact" if steps
                else "nothing was written"),
             fix="make it writable or choose another MODEL_DIR, then rerun") from e
