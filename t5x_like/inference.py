@@ -28,7 +28,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -232,7 +231,7 @@ def from_hf(directory: str, *, partitioner: partitioning.Partitioner) -> Source:
     """A Hugging Face safetensors directory; its config.json decides the model."""
     from t5x_like.hf import llama, safetensors_io, t5, tokenizer
     from t5x_like.models import decoder, t5 as t5_model
-    if not os.path.isfile(os.path.join(directory, "config.json")):
+    if not storage.exists(storage.join(directory, "config.json")):
         raise InferError(f"{directory} has no config.json — pass a directory written by "
                          "transformers' save_pretrained (config.json + *.safetensors)")
     hf_config = safetensors_io.read_config(directory)

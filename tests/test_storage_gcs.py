@@ -133,6 +133,7 @@ def test_a_bucket_model_dir_resumes_bit_exactly_and_nothing_is_written_locally(
         on_disk.close()
 
 
+@pytest.mark.slow
 def test_eval_and_infer_read_the_bucket_and_write_their_results_there(
         gs_run, emulator, straight_run, tmp_path):
     from t5x_like import storage
@@ -245,3 +246,41 @@ def test_two_processes_write_one_checkpoint_in_the_bucket(emulator, tmp_path):
     local_losses = logged_losses(local)
     np.testing.assert_allclose([bucket_losses[s] for s in (1, 2, 3)],
                                [local_losses[s] for s in (1, 2, 3)], rtol=1e-6)
+
+
+def test_a_hugging_face_directory_in_the_bucket_imports_as_from_disk(emulator, tmp_path):
+    """PRETRAINED_DIR / --hf_checkpoint in a bucket: config, tensors (bf16 too, read
+    by byte ranges) and tokenizer equal the same directory on disk."""
+    import flax.linen as nn
+    import ml_dtypes
+
+    from t5x_like import storage
+    from t5x_like.hf import llama, safetensors_io, tokenizer
+    from t5x_like.models import decoder
+    config = decoder.DecoderConfig(vocab_size=8192, emb_dim=32, num_heads=4, num_kv_heads=2,
+                                   head_dim=8, mlp_dim=64, num_layers=2,
+                                   max_position_embeddings=128)
+    params = nn.unbox(decoder.DecoderOnlyModel(config=config).init_params(
+        jax.random.key(3), batch_size=1, decoder_length=4))
+    local = str(tmp_path / "hf")
+    llama.export_checkpoint(params, config, local, dtype=ml_dtypes.bfloat16)
+    with open(os.path.join(REPO, "data", "vocab", "pydocs_8k.model"), "rb") as f:
+        vocab = f.read()
+    with open(os.path.join(local, "tokenizer.model"), "wb") as f:
+        f.write(vocab)
+    url = f"gs://{BUCKET}/hf_llama"
+    for name in os.listdir(local):
+        with open(os.path.join(local, name), "rb") as f:
+            storage.path(url, name).write_bytes(f.read())
+
+    reader = safetensors_io.SafetensorsReader(url)
+    assert reader.keys() == safetensors_io.SafetensorsReader(local).keys()
+    embed = reader.get("model.embed_tokens.weight")
+    assert embed.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(embed, safetensors_io.SafetensorsReader(local).get(
+        "model.embed_tokens.weight"))
+    from_bucket, from_disk = llama.import_checkpoint(url), llama.import_checkpoint(local)
+    assert from_bucket[0] == from_disk[0]
+    jax.tree.map(np.testing.assert_array_equal, from_bucket[1], from_disk[1])
+    text = "Raises ValueError when the list is empty."
+    assert tokenizer.load(url).encode(text) == tokenizer.load(local).encode(text)

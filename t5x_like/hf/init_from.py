@@ -17,20 +17,19 @@ epsilon) come from gin, not from config.json: keep them equal to the checkpoint'
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 from flax import traverse_util
 
-from t5x_like import checkpoints, errors
+from t5x_like import checkpoints, errors, storage
 from t5x_like.hf import llama, safetensors_io, t5
 
 FAMILIES = {"t5": t5, "llama": llama}     # config.json's model_type -> importer
 
 
 def is_hugging_face_dir(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, safetensors_io.CONFIG_FILE))
+    return storage.exists(storage.join(directory, safetensors_io.CONFIG_FILE))
 
 
 def _is_scanned(paths: list[str]) -> bool:

@@ -2,7 +2,10 @@
 
 Tensors are read lazily one at a time (memory-mapped), so importing a large
 checkpoint holds at most one full tensor (or one stacked layer group) on the
-host; with target shardings each device receives only its own slice.
+host; with target shardings each device receives only its own slice. A directory in
+a bucket (gs://...; storage.py) is read the same way, each tensor by one ranged read
+of its bytes (the format is an 8-byte header length, a JSON header of dtypes, shapes
+and byte offsets, then the raw little-endian data), so nothing is copied to disk.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from t5x_like import storage
 from t5x_like.models import layers
 
 CONFIG_FILE = 'config.json'
@@ -31,15 +36,14 @@ class SafetensorsReader:
         from safetensors import safe_open  # the `hf` extra
 
         self.directory = directory
-        index_path = os.path.join(directory, INDEX_FILE)
-        if os.path.exists(index_path):
-            with open(index_path) as f:
-                weight_map = json.load(f)['weight_map']
+        index_path = storage.join(directory, INDEX_FILE)
+        if storage.exists(index_path):
+            weight_map = json.loads(storage.read_text(index_path))['weight_map']
             files = sorted(set(weight_map.values()))
-        elif os.path.exists(os.path.join(directory, SINGLE_FILE)):
+        elif storage.exists(storage.join(directory, SINGLE_FILE)):
             files = [SINGLE_FILE]
         else:
-            found = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+            found = storage.list_dir(directory)
             if any(n.endswith(('.bin', '.pt', '.pth', '.ckpt')) for n in found):
                 raise ValueError(
                     f'{directory} holds only pickled PyTorch weights, which are never loaded here '
@@ -49,8 +53,10 @@ class SafetensorsReader:
                 f'No {SINGLE_FILE} or {INDEX_FILE} in {directory} (found {found}).')
         self._handles = {}
         self._file_of = {}
+        open_file = _RangedSafetensors if storage.is_url(directory) else \
+            (lambda path: safe_open(path, framework='np'))
         for name in files:
-            handle = safe_open(os.path.join(directory, name), framework='np')
+            handle = open_file(storage.join(directory, name))
             self._handles[name] = handle
             for key in handle.keys():
                 self._file_of[key] = name
@@ -67,18 +73,47 @@ class SafetensorsReader:
         return self._handles[self._file_of[name]].get_tensor(name)
 
 
+class _RangedSafetensors:
+    """One .safetensors object in a bucket: the header read once, each tensor's bytes
+    by a ranged read (safe_open needs a local file to map)."""
+
+    _DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
+               'BF16': ml_dtypes.bfloat16, 'I64': np.int64, 'I32': np.int32,
+               'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
+
+    def __init__(self, url: str):
+        self._url = url
+        with storage.open_file(url, 'rb') as f:
+            header_length = int.from_bytes(f.read(8), 'little')
+            header = json.loads(f.read(header_length))
+        header.pop('__metadata__', None)
+        self._entries = header
+        self._data_start = 8 + header_length
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def get_tensor(self, name: str) -> np.ndarray:
+        entry = self._entries[name]
+        begin, end = entry['data_offsets']
+        with storage.open_file(self._url, 'rb') as f:
+            f.seek(self._data_start + begin)
+            data = f.read(end - begin)
+        dtype = np.dtype(self._DTYPES[entry['dtype']]).newbyteorder('<')
+        return np.frombuffer(data, dtype=dtype).reshape(entry['shape']).astype(
+            dtype.newbyteorder('='))
+
+
 def read_config(directory: str) -> dict[str, Any]:
-    with open(os.path.join(directory, CONFIG_FILE)) as f:
-        return json.load(f)
+    return json.loads(storage.read_text(storage.join(directory, CONFIG_FILE)))
 
 
 def read_generation_config(directory: str) -> dict[str, Any]:
     """generation_config.json (the token ids `generate` uses), or {} if absent."""
-    path = os.path.join(directory, GENERATION_CONFIG_FILE)
-    if not os.path.exists(path):
+    path = storage.join(directory, GENERATION_CONFIG_FILE)
+    if not storage.exists(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(storage.read_text(path))
 
 
 def write_generation_config(directory: str, config: Mapping[str, Any]) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
+from t5x_like import storage
+
 
 class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
@@ -27,7 +29,8 @@ class _SentencePiece:
         except ImportError as e:
             raise ValueError(f"{path} is a SentencePiece model, which needs the "
                              "sentencepiece package — pip install sentencepiece") from e
-        self._model = sentencepiece.SentencePieceProcessor(model_file=path)
+        self._model = sentencepiece.SentencePieceProcessor(
+            model_proto=storage.path(path).read_bytes())     # local or in a bucket
 
     def encode(self, text: str) -> list[int]:
         return list(self._model.encode(text))
@@ -55,7 +58,7 @@ class _TokenizersJson:
             raise ValueError(f"{os.path.dirname(path)} has only tokenizer.json, which needs "
                              "the tokenizers package — pip install tokenizers, or give "
                              "prompts as input_ids") from e
-        self._tokenizer = tokenizers.Tokenizer.from_file(path)
+        self._tokenizer = tokenizers.Tokenizer.from_str(storage.read_text(path))
 
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
@@ -66,9 +69,9 @@ class _TokenizersJson:
 
 def load(directory: str) -> Tokenizer | None:
     for name in ("tokenizer.model", "spiece.model"):
-        if os.path.exists(os.path.join(directory, name)):
-            return _SentencePiece(os.path.join(directory, name))
-    tokenizer_json = os.path.join(directory, "tokenizer.json")
-    if os.path.exists(tokenizer_json):
+        if storage.exists(storage.join(directory, name)):
+            return _SentencePiece(storage.join(directory, name))
+    tokenizer_json = storage.join(directory, "tokenizer.json")
+    if storage.exists(tokenizer_json):
         return _TokenizersJson(tokenizer_json)
     return None
