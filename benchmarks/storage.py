@@ -37,6 +37,7 @@ GB = 1e9
 def t5_small_state():
     import jax
     from t5x_like import optimizers, partitioning, trainer
+    from t5x_like.data import converters
     from t5x_like.models import t5
     config = t5.T5Config(vocab_size=32128, emb_dim=512, num_heads=6, head_dim=64,
                          mlp_dim=1024, num_encoder_layers=8, num_decoder_layers=8,
@@ -44,7 +45,8 @@ def t5_small_state():
     model = t5.EncoderDecoderModel(config=config)
     partitioner = partitioning.Partitioner(devices=jax.devices()[:1])
     optimizer = optimizers.adafactor(learning_rate=optimizers.rsqrt_schedule())
-    lengths = {"encoder_input_tokens": 512, "decoder_input_tokens": 114}
+    lengths = converters.model_feature_lengths({"inputs": 512, "targets": 114},
+                                               converter="enc_dec", pack=True)
     layout = trainer.state_layout(model=model, optimizer=optimizer, partitioner=partitioner,
                                   feature_lengths=lengths)
     state = trainer.init_train_state(model=model, optimizer=optimizer,
