@@ -47,7 +47,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from t5x_like import errors, integrity
+from t5x_like import errors, integrity, storage
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class _ProtectedSteps:
 def committed_steps(directory: str) -> list[int]:
     """Steps whose checkpoint is complete in `directory` (a read-only listing, safe
     from any thread)."""
-    return sorted(ocp.path.step.checkpoint_steps(directory))
+    return sorted(ocp.path.step.checkpoint_steps(storage.resolve(directory)))
 
 
 def _path_str(path: Sequence[Any]) -> str:
@@ -141,8 +141,9 @@ class Checkpointer:
     def __init__(self, *, directory: str, max_to_keep: int | None = 3,
                  keep_period: int | None = None, async_save: bool = True):
         """`max_to_keep` latest checkpoints are kept, plus forever every step that is
-        a multiple of `keep_period` (e.g. for later evaluation)."""
-        self.directory = directory
+        a multiple of `keep_period` (e.g. for later evaluation). `directory` is a
+        local path or a URL (storage.py)."""
+        self.directory = directory = storage.resolve(directory)
         self._protected = _ProtectedSteps()
         policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep), self._protected]
         if keep_period:
@@ -379,6 +380,7 @@ class CheckpointReader:
     """
 
     def __init__(self, directory: str):
+        directory = storage.resolve(directory)
         if not epath.Path(directory).is_dir():
             raise FileNotFoundError(f"no checkpoint directory {directory}")
         self.directory = directory
@@ -455,7 +457,8 @@ def restore_params_from(init_from: InitFrom, *, abstract_params: Any, fresh_para
     if hf_init_from.is_hugging_face_dir(init_from.directory):
         return hf_init_from.restore_params(init_from, abstract_params=abstract_params)
     manager = ocp.CheckpointManager(
-        init_from.directory, options=ocp.CheckpointManagerOptions(read_only=True),
+        storage.resolve(init_from.directory),
+        options=ocp.CheckpointManagerOptions(read_only=True),
         item_handlers=_item_handlers(ocp.PyTreeCheckpointHandler()))
     step = init_from.step if init_from.step is not None else manager.latest_step()
     if step is None or step not in manager.all_steps():

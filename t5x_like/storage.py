@@ -9,8 +9,9 @@ pod's workers each checkpointed to their own disk.)
 
 Three choices hold the layers together:
 - epath's `gs://` backend is fsspec's `gcsfs`, also where TensorFlow is installed
-  (`EPATH_USE_TF=false`): one client with or without TF, and one that honours
-  `STORAGE_EMULATOR_HOST`, the variable Google's client libraries read.
+  (`EPATH_USE_TF=false`, set when this module is imported): one client with or
+  without TF, and one that honours `STORAGE_EMULATOR_HOST`, the variable Google's
+  client libraries read.
 - Orbax writes arrays through TensorStore, which has its own GCS client. When
   `STORAGE_EMULATOR_HOST` is set (a local emulator, as in the tests), it is mapped
   onto TensorStore's endpoint variable, with a placeholder token since an emulator
@@ -33,6 +34,11 @@ from typing import IO
 from etils import epath
 
 from t5x_like import errors
+
+# Set on import, before any epath path is used: epath decides once per process
+# (functools.cache) whether TensorFlow's gfile serves URLs, and the first path it
+# sees, even a local one, fixes that choice.
+os.environ.setdefault("EPATH_USE_TF", "false")
 
 # Schemes and the package that epath (through fsspec) needs for each.
 _SCHEME_PACKAGES = {"gs": "gcsfs", "s3": "s3fs", "az": "adlfs"}
@@ -96,7 +102,6 @@ def configure() -> None:
     if _configured:
         return
     _configured = True
-    os.environ.setdefault("EPATH_USE_TF", "false")
     # No cached listings: a folder that another process writes to (a training job's
     # checkpoints, watched by launch.eval) must show its new entries at once.
     import fsspec.config
