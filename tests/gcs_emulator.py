@@ -45,9 +45,24 @@ def _with_generation_headers(download):
     return handler
 
 
+def _quiet_handle_error(handle_error):
+    """Clients that hang up early (a normal end of a ranged read) are not errors."""
+    def handler(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            handle_error(self, request, client_address)
+    return handler
+
+
 def serve(*, port: int, bucket: str) -> None:
+    import http.server
+    import logging
+
     from gcp_storage_emulator import server
     from gcp_storage_emulator.handlers import objects
+    # Its "Resource not found" lines are the 404s a client asks for on purpose.
+    logging.disable(logging.ERROR)
+    http.server.HTTPServer.handle_error = _quiet_handle_error(
+        http.server.HTTPServer.handle_error)
     original = objects.download
     patched = _with_generation_headers(original)
     objects.download = patched                 # `get ?alt=media` calls it by name
