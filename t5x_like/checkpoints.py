@@ -17,11 +17,13 @@ Never losing a run:
   so a crash mid-write leaves no step directory that looks finished.
 - Every restore recomputes the fingerprints of what it read and compares them with
   the saved ones, so flipped bytes are caught, not trained on.
-- `restore_latest` walks back from the newest step. A checkpoint that cannot be
-  read (truncated or missing files) or fails that comparison is moved aside to
-  `<dir>.corrupt/` with a warning naming it, and the previous one is used. A
-  checkpoint that is readable but does not fit the model (the config changed) is an
-  error, never skipped: recovery must not throw away valid work.
+- `restore_latest` walks back from the newest step and decides by cause
+  (checkpoint_faults.py): only a checkpoint proven corrupt (missing or truncated
+  files, or failing that comparison) is moved aside to `<dir>.corrupt/` with a
+  warning naming it, and the previous one is used; a transient read error is
+  retried with backoff; anything else (out of memory, a checkpoint of another
+  config, a bug) stops the run with one error and moves nothing: recovery must not
+  throw away valid work. Several processes take the same decision together.
 - A failed write (disk full, read-only directory) is a CheckpointWriteError naming
   the step whose write failed, raised at the first step after the failure
   (`raise_if_save_failed`), not at the next save. Step directories are created
@@ -47,21 +49,15 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from t5x_like import errors, integrity, storage
+from t5x_like import checkpoint_faults, errors, integrity, storage
+from t5x_like.checkpoint_faults import (CheckpointCorruptError, CheckpointMismatchError,
+                                       RestoreError)
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointMismatchError(errors.RunError, ValueError):
-    """A checkpoint is readable but its tree does not match what is being restored."""
-
-
 class CheckpointWriteError(errors.RunError, RuntimeError):
     """Writing a checkpoint failed (disk full, no permission...)."""
-
-
-class CheckpointCorruptError(errors.RunError, ValueError):
-    """A checkpoint was read, but its arrays are not what was saved."""
 
 
 DATA_POSITIONS = "data_positions"
@@ -139,10 +135,14 @@ class Checkpointer:
     """Saves whenever asked: *when* to save is the train loop's decision alone."""
 
     def __init__(self, *, directory: str, max_to_keep: int | None = 3,
-                 keep_period: int | None = None, async_save: bool = True):
+                 keep_period: int | None = None, async_save: bool = True,
+                 restore_attempts: int = 5, retry_delay_s: float = 2.0):
         """`max_to_keep` latest checkpoints are kept, plus forever every step that is
         a multiple of `keep_period` (e.g. for later evaluation). `directory` is a
-        local path or a URL (storage.py)."""
+        local path or a URL (storage.py). A transient read error at restore is tried
+        `restore_attempts` times, `retry_delay_s` doubling between tries (2+4+8+16 s
+        by default)."""
+        self._restore_attempts, self._retry_delay_s = restore_attempts, retry_delay_s
         self.directory = directory = storage.resolve(directory)
         self._protected = _ProtectedSteps()
         policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep), self._protected]
@@ -319,17 +319,61 @@ class Checkpointer:
         return state
 
     def restore_latest(self, *, abstract_state: Any) -> tuple[int, Any, dict] | None:
-        """Restores the newest readable, intact checkpoint; None when there is none."""
+        """Restores the newest intact checkpoint; None when there is none.
+
+        What a failure means is decided by its cause (checkpoint_faults.py), and all
+        processes act on the same decision: a checkpoint proven corrupt is set aside
+        and the previous one tried; a transient read error is retried; anything else
+        (out of memory, another config, retries used up) raises, moving nothing.
+        """
         for step in reversed(self.all_steps()):
-            try:   # unreadable or altered metadata or arrays: corrupt; a mismatch: an error
-                state, data_position = self.restore(step, abstract_state=abstract_state)
-            except CheckpointMismatchError:
-                raise
-            except Exception as e:  # noqa: BLE001 - any read failure means "unusable"
-                self._quarantine(step, e)
+            result, error = None, None
+            try:
+                result = checkpoint_faults.with_retries(
+                    lambda: self._restore_checked(step, abstract_state),
+                    what=f"Restoring checkpoint step {step}",
+                    attempts=self._restore_attempts, first_delay_s=self._retry_delay_s)
+                outcome = checkpoint_faults.Outcome.OK
+            except Exception as e:  # noqa: BLE001 - classified, then re-raised or acted on
+                error, outcome = e, checkpoint_faults.classify(e)
+            decision = checkpoint_faults.agree(outcome)
+            if decision == checkpoint_faults.Outcome.OK:
+                state, data_position = result
+                return step, state, data_position
+            if decision == checkpoint_faults.Outcome.CORRUPT:
+                self._quarantine(step, error)
                 continue
-            return step, state, data_position
+            raise self._fatal(step, error)
         return None
+
+    def _restore_checked(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        restored = self.restore(step, abstract_state=abstract_state)
+        checkpoint_faults.injected_faults.check(step)
+        return restored
+
+    def _fatal(self, step: int, error: Exception | None) -> errors.RunError:
+        """The one error a run stops with when step `step` cannot be restored and is
+        not proven corrupt (this process's error, or another process's verdict)."""
+        if isinstance(error, errors.RunError):
+            return error
+        where = f"checkpoint step {step} in {self.directory}"
+        if error is None:
+            return RestoreError(
+                f"another process of this run could not restore {where} (its log names "
+                "the cause); nothing was moved",
+                fix="fix that process's problem, then rerun all processes to resume")
+        cause = " ".join(f"{type(error).__name__}: {error}".split())
+        cause = cause[:300] + ("..." if len(cause) > 300 else "")
+        if checkpoint_faults.is_transient(error):
+            fix = ("check the storage's availability and rerun to resume from it (the "
+                   f"read was tried {self._restore_attempts} times)")
+        elif isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in cause:
+            fix = ("restore on more or larger devices (or shard it further: FSDP), then "
+                   "rerun to resume from it")
+        else:
+            fix = "rerun with --verbose for the traceback; the checkpoint is intact"
+        return RestoreError(f"cannot restore {where} ({cause}); it is not proven corrupt, "
+                            "so nothing was moved", fix=fix)
 
     def _state_metadata(self, step: int) -> dict[str, Any]:
         metadata = self._manager.item_metadata(step)["state"]
@@ -337,19 +381,44 @@ class Checkpointer:
             raise FileNotFoundError(f"no state metadata for step {step}")
         return flatten_with_paths(metadata)
 
-    def _quarantine(self, step: int, error: Exception) -> None:
-        source = os.path.join(self.directory, str(step))
-        target = os.path.join(f"{self.directory.rstrip('/')}.corrupt",
-                              f"{step}-{int(time.time())}")
-        log.warning("Checkpoint step %d at %s is unreadable or corrupt (%s: %s). Moving "
-                    "it to %s and trying the previous one.", step, source,
-                    type(error).__name__, str(error)[:300], target)
+    def _quarantine(self, step: int, error: Exception | None) -> None:
+        """Moves a step proven corrupt to `<dir>.corrupt/<step>-<time>` (process 0
+        moves; every process reaches the barrier, having agreed to come here)."""
+        source = storage.join(self.directory, str(step))
+        target = storage.join(f"{self.directory}.corrupt", f"{step}-{int(time.time())}")
+        reason = ("another process found it corrupt" if error is None
+                  else f"{type(error).__name__}: {str(error)[:300]}")
+        log.warning("Checkpoint step %d at %s is unreadable or corrupt (%s). Moving it to %s "
+                    "and trying the previous one.", step, source, reason, target)
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.move(source, target)
+            _move_tree(source, target)
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
         self._manager.reload()
+
+
+def _move_tree(source: str, target: str) -> None:
+    """A rename where the store has one (local disks); object stores have no folder
+    rename, so there the tree is copied object by object, then deleted."""
+    if not storage.is_url(source):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.move(source, target)
+        return
+    source_path, target_path = storage.path(source), storage.path(target)
+    for item in _walk_files(source_path):
+        destination = target_path / item.relative_to(source_path)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        item.copy(destination, overwrite=True)
+    source_path.rmtree()
+
+
+def _walk_files(root: epath.Path):
+    """Every file below `root` (iterdir keeps the URL scheme, which walk() drops)."""
+    for item in root.iterdir():
+        if item.is_dir():
+            yield from _walk_files(item)
+        else:
+            yield item
 
 
 def _check_tree_matches(saved: Mapping[str, Any], abstract_state: Any, *, what: str) -> None:
