@@ -42,6 +42,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from t5x_like import errors
+from t5x_like.models import attention
 
 log = logging.getLogger(__name__)
 
@@ -291,17 +292,22 @@ class Partitioner:
 
 @dataclasses.dataclass
 class _MeshAndRules:
+    """The mesh, the logical rules and the target platform of attention kernels."""
     mesh: Mesh
     rules: LogicalRules
 
     def __enter__(self):
         self._mesh_ctx = jax.set_mesh(self.mesh)
         self._rules_ctx = nn.logical_axis_rules(self.rules)
+        # Kernels are chosen for the mesh's devices (a TPU slice compiled from a CPU).
+        self._platform_ctx = attention.compiling_for(self.mesh.devices.flat[0].platform)
         self._mesh_ctx.__enter__()
         self._rules_ctx.__enter__()
+        self._platform_ctx.__enter__()
         return self
 
     def __exit__(self, *exc):
+        self._platform_ctx.__exit__(*exc)
         self._rules_ctx.__exit__(*exc)
         self._mesh_ctx.__exit__(*exc)
 

@@ -3,6 +3,8 @@
 Needs libtpu (in the `test` extra through `tpu`); those tests skip without it.
 """
 
+import re
+
 import pytest
 
 from t5x_like import aot, gin_config, topologies
@@ -100,3 +102,29 @@ def test_small_config_fits_and_two_slices_compile():
         task_feature_lengths={"inputs": 64, "targets": 16}, batch_size=16)
     assert report.fits
     assert report.mesh == "data=2, fsdp=4, model=1"
+
+
+@pytest.mark.parametrize("impl", ["splash", "xla"])
+def test_compile_for_a_tpu_slice_compiles_the_attention_the_pod_runs(impl):
+    """launch.compile on this CPU machine must compile the TPU's attention: splash
+    as a Mosaic kernel under shard_map, with no [batch, heads, L, L] logits tensor.
+    Before, the implementation followed this machine's backend (CPU), so 'splash'
+    silently fell back to einsum, and unsharded it could not have compiled anyway."""
+    tpu = _tpu_or_skip("v5e:2x2")
+    run, lengths = aot.run_from_gin(
+        gin_files=["configs/base_lm.gin", "configs/models/decoder_tiny.gin",
+                   "configs/partitioning/fsdp.gin"],
+        gin_bindings=[f"decoder.DecoderConfig.attention_impl='{impl}'",
+                      "decoder.DecoderConfig.dtype='bfloat16'"],
+        task_feature_lengths={"targets": 384}, feature_converter="lm", batch_size=8)
+    partitioner = run.partitioner(devices=topologies.compile_only_devices(tpu))
+    layout = run.state_layout(partitioner, lengths)
+    step = run.jitted_train_step(partitioner, layout, lengths)
+    hlo = step.lower(layout.abstract_with_shardings(), aot.abstract_batch(
+        lengths, batch_size=8, partitioner=partitioner)).compile().as_text()
+    # Attention logits of this device's 2 rows (8 / 4 devices), by head: [2, ..., L, L].
+    logits_BxHxLxL = re.findall(r"\[2,(?:\d+,)+384,384\]", hlo)
+    if impl == "splash":
+        assert "tpu_custom_call" in hlo and not logits_BxHxLxL
+    else:
+        assert "tpu_custom_call" not in hlo and logits_BxHxLxL

@@ -25,10 +25,15 @@ reason once (e.g. cudnn requested on CPU). Attention-weight dropout forces
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+from collections.abc import Iterator
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 IMPLEMENTATIONS = ('xla', 'jax_xla', 'cudnn', 'splash')
@@ -43,6 +48,36 @@ def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         logging.warning(message)
+
+
+# The platform the code is being traced for, and whether Pallas kernels run in
+# interpret mode (see `compiling_for`).
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    'attention_target_platform', default=None)
+_INTERPRET: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    'attention_interpret_kernels', default=False)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str, *, interpret_kernels: bool = False) -> Iterator[None]:
+    """Inside, implementations are chosen for `platform` ('tpu', 'gpu', 'cpu').
+
+    The partitioner's context enters it with its mesh's device platform, so an AOT
+    compile for a TPU slice on a CPU machine (launch.compile) compiles the attention
+    the pod will run, not the one this machine would. `interpret_kernels` runs the
+    TPU kernels (splash) in Pallas interpret mode: the same kernel code, executed on
+    the CPU, which is how tests check it against the einsum path without a TPU.
+    """
+    tokens = _TARGET_PLATFORM.set(platform), _INTERPRET.set(interpret_kernels)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(tokens[0])
+        _INTERPRET.reset(tokens[1])
+
+
+def target_platform() -> str:
+    return _TARGET_PLATFORM.get() or jax.default_backend()
 
 
 def choose_implementation(
@@ -63,7 +98,7 @@ def choose_implementation(
             _warn_once('attention: jax_xla has no attention-weight dropout; using xla.')
             return 'xla'
         return requested
-    backend = backend or jax.default_backend()
+    backend = backend or target_platform()
     reason = None
     if dropout:
         reason = 'attention-weight dropout is on (fused kernels have none)'
@@ -143,35 +178,79 @@ def _xla_attention(q_BxQxHxD, k_BxKxGxD, v_BxKxGxD, *, mask, bias, scale, dtype,
     return ctx.reshape(b, q_len, num_heads, head_dim)
 
 
-def _splash_attention(q, k, v, *, causal, segment_ids, scale):
-    """Pallas splash attention (TPU), vmapped over batch; GQA by repeating kv heads."""
+def splash_block(length: int) -> int:
+    """Splash's tile: 512 (its usual TPU block) or, for shorter sequences, the length
+    rounded up to the 128-lane multiple that TPU tiles need."""
+    return min(512, -(-length // 128) * 128)
+
+
+def _ways(mesh, axes) -> int:
+    """How many pieces mesh axis (or axes) `axes` cut a dimension into."""
+    axes = (axes,) if isinstance(axes, str) else axes
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def _splash_attention(q_BxLxHxD, k_BxLxGxD, v_BxLxGxD, *, causal, segment_ids_BxL, scale):
+    """Pallas splash attention over the mesh in use: under `shard_map`, each device
+    runs the kernel on its own batch rows and heads (a Mosaic kernel cannot be
+    partitioned by XLA). Any length: q/k/v are padded to a multiple of the block, the
+    padding given segment 0, which no real token shares, and the output cut back.
+    GQA repeats the kv heads first, so heads shard alike for q, k and v."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    _, q_len, num_heads, _ = q.shape
-    k_len = k.shape[1]
-    group = num_heads // k.shape[2]
+    batch, length, num_heads, _ = q_BxLxHxD.shape
+    group = num_heads // k_BxLxGxD.shape[2]
     if group > 1:
-        k = jnp.repeat(k, group, axis=2)
-        v = jnp.repeat(v, group, axis=2)
-    base = sm.CausalMask((q_len, k_len)) if causal else sm.FullMask((q_len, k_len))
-    block = min(512, q_len, k_len)
-    kernel = sk.make_splash_mha(
-        sm.MultiHeadMask([base] * num_heads),
-        block_sizes=sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                                  block_q_dkv=block, block_kv_dkv=block,
-                                  block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block),
-        head_shards=1,
-        q_seq_shards=1,
-    )
-    to_hld = lambda x: jnp.swapaxes(x, 1, 2)  # [B, L, H, D] -> [B, H, L, D]
-    q = q * jnp.asarray(scale, q.dtype)
-    if segment_ids is None:
-        out = jax.vmap(kernel)(to_hld(q), to_hld(k), to_hld(v))
+        k_BxLxGxD = jnp.repeat(k_BxLxGxD, group, axis=2)
+        v_BxLxGxD = jnp.repeat(v_BxLxGxD, group, axis=2)
+    block = splash_block(length)
+    padded = -(-length // block) * block
+    if segment_ids_BxL is None and padded != length:
+        segment_ids_BxL = jnp.ones((batch, length), jnp.int32)
+    if padded != length:
+        pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
+        q_BxLxHxD, k_BxLxGxD, v_BxLxGxD = (jnp.pad(x, pad) for x in
+                                           (q_BxLxHxD, k_BxLxGxD, v_BxLxGxD))
+        segment_ids_BxL = jnp.pad(segment_ids_BxL, ((0, 0), (0, padded - length)))
+
+    mesh = jax.sharding.get_abstract_mesh()
+    qkv_spec = (None,) * 4
+    if not mesh.empty:          # a dimension its mesh axes cannot split stays whole
+        qkv_spec = tuple(
+            axes if axes is None or size % _ways(mesh, axes) == 0 else None
+            for axes, size in zip(nn.logical_to_mesh_axes(('batch', 'length', 'heads', 'kv')),
+                                  q_BxLxHxD.shape))
+    local_heads = num_heads // (1 if qkv_spec[2] is None else _ways(mesh, qkv_spec[2]))
+    base = sm.CausalMask((padded, padded)) if causal else sm.FullMask((padded, padded))
+    sizes = dict(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                 block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
+                 block_kv_dq=block)
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([base] * local_heads),
+                                block_sizes=sk.BlockSizes(**sizes), head_shards=1,
+                                q_seq_shards=1, interpret=_INTERPRET.get())
+    q_BxLxHxD = q_BxLxHxD * jnp.asarray(scale, q_BxLxHxD.dtype)
+
+    def local(q, k, v, segments):
+        to_hld = lambda x: jnp.swapaxes(x, 1, 2)   # [B, L, H, D] -> [B, H, L, D]
+        if segments is None:
+            out = jax.vmap(kernel)(to_hld(q), to_hld(k), to_hld(v))
+        else:
+            ids = jax.vmap(lambda s: sk.SegmentIds(q=s, kv=s))(segments)
+            out = jax.vmap(kernel)(to_hld(q), to_hld(k), to_hld(v), segment_ids=ids)
+        return to_hld(out)
+
+    if mesh.empty:
+        out = local(q_BxLxHxD, k_BxLxGxD, v_BxLxGxD, segment_ids_BxL)
     else:
-        seg = jax.vmap(lambda s: sk.SegmentIds(q=s, kv=s))(segment_ids)
-        out = jax.vmap(kernel)(to_hld(q), to_hld(k), to_hld(v), segment_ids=seg)
-    return to_hld(out)
+        spec = jax.sharding.PartitionSpec(*qkv_spec)
+        segment_spec = jax.sharding.PartitionSpec(*qkv_spec[:2])
+        out = jax.shard_map(
+            local, mesh=mesh,
+            in_specs=(spec, spec, spec, None if segment_ids_BxL is None else segment_spec),
+            out_specs=spec, check_vma=False,
+        )(q_BxLxHxD, k_BxLxGxD, v_BxLxGxD, segment_ids_BxL)
+    return out[:, :length]
 
 
 def attend(
@@ -202,9 +281,13 @@ def attend(
     kv_segments = kv_segment_ids_BxK if kv_segment_ids_BxK is not None else segment_ids_BxL
     q_len, k_len = q_BxQxHxD.shape[1], k_BxKxGxD.shape[1]
 
+    if impl == 'splash' and (q_len != k_len or kv_segment_ids_BxK is not None):
+        _warn_once('attention: splash requested for attention between two sequences '
+                   '(cross-attention or a cache); falling back to xla.')
+        impl = 'xla'
     if impl == 'splash':
         return _splash_attention(q_BxQxHxD, k_BxKxGxD, v_BxKxGxD, causal=causal,
-                                 segment_ids=segment_ids_BxL, scale=scale).astype(dtype)
+                                 segment_ids_BxL=segment_ids_BxL, scale=scale).astype(dtype)
 
     if impl in ('jax_xla', 'cudnn'):
         # Causality is a flag (cuDNN skips the upper triangle); the rest is a mask.
