@@ -17,11 +17,17 @@ Never losing a run:
   so a crash mid-write leaves no step directory that looks finished.
 - Every restore recomputes the fingerprints of what it read and compares them with
   the saved ones, so flipped bytes are caught, not trained on.
-- `restore_latest` walks back from the newest step. A checkpoint that cannot be
-  read (truncated or missing files) or fails that comparison is moved aside to
-  `<dir>.corrupt/` with a warning naming it, and the previous one is used. A
-  checkpoint that is readable but does not fit the model (the config changed) is an
-  error, never skipped: recovery must not throw away valid work.
+- `restore_latest` walks back from the newest step and decides by the cause of a
+  failure (restore_causes.py has the exact list). Only a checkpoint proven corrupt
+  (missing or truncated files, undecodable metadata or chunks, or fingerprints that
+  differ) is moved aside to `<dir>.corrupt/` with a warning naming it, and the
+  previous one is used. A transient storage error (EIO, timeouts, `UNAVAILABLE`) is
+  retried with exponential backoff; if it persists, the run stops. Anything else
+  (out of memory, a checkpoint that does not fit the model because the config
+  changed, a bug) stops the run with one CheckpointRestoreError (or
+  CheckpointMismatchError) and moves nothing: recovery must not throw away valid
+  work. With several processes, all exchange their outcome for each step and act on
+  the worst one, so they stop together or set the step aside together.
 - A failed write (disk full, read-only directory) is a CheckpointWriteError naming
   the step whose write failed, raised at the first step after the failure
   (`raise_if_save_failed`), not at the next save. Step directories are created
@@ -38,7 +44,6 @@ import dataclasses
 import logging
 import os
 import re
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -47,7 +52,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from t5x_like import errors, integrity
+from t5x_like import errors, integrity, restore_causes
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,11 @@ class CheckpointWriteError(errors.RunError, RuntimeError):
 
 class CheckpointCorruptError(errors.RunError, ValueError):
     """A checkpoint was read, but its arrays are not what was saved."""
+
+
+class CheckpointRestoreError(errors.RunError, RuntimeError):
+    """Restoring failed for a cause that does not mean the checkpoint is corrupt
+    (out of memory, storage unavailable, a bug): nothing was set aside."""
 
 
 DATA_POSITIONS = "data_positions"
@@ -139,10 +149,16 @@ class Checkpointer:
     """Saves whenever asked: *when* to save is the train loop's decision alone."""
 
     def __init__(self, *, directory: str, max_to_keep: int | None = 3,
-                 keep_period: int | None = None, async_save: bool = True):
+                 keep_period: int | None = None, async_save: bool = True,
+                 restore_attempts: int = 4, restore_backoff_s: float = 2.0):
         """`max_to_keep` latest checkpoints are kept, plus forever every step that is
-        a multiple of `keep_period` (e.g. for later evaluation)."""
+        a multiple of `keep_period` (e.g. for later evaluation). A restore that fails
+        with a transient storage error is tried `restore_attempts` times in all,
+        waiting `restore_backoff_s`, then twice, four times as long... in between
+        (by default 2 + 4 + 8 = 14 s at most)."""
         self.directory = directory
+        self._restore_attempts = max(1, restore_attempts)
+        self._restore_backoff_s = restore_backoff_s
         self._protected = _ProtectedSteps()
         policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep), self._protected]
         if keep_period:
@@ -217,16 +233,15 @@ class Checkpointer:
         directory, rather than at the first save."""
         if "://" in self.directory:       # object stores: no cheap probe; saves will tell
             return
-        probe = os.path.join(self.directory, f".write_probe.{os.getpid()}")
+        probe = epath.Path(self.directory) / f".write_probe.{os.getpid()}"
         try:
-            with open(probe, "w"):
-                pass
-            os.remove(probe)
+            probe.write_bytes(b"")
+            probe.unlink()
         except OSError as e:
             complete = committed_steps(self.directory)
             raise errors.NotWritableError(
                 f"the checkpoint directory {self.directory} is not writable "
-                f"({e.strerror}); its checkpoints"
+                f"({e.strerror or e}); its checkpoints"
                 + (f" (latest: step {complete[-1]}) are intact" if complete
                    else " are untouched"),
                 fix="make it writable (or use another MODEL_DIR), then rerun to resume"
@@ -318,17 +333,72 @@ class Checkpointer:
         return state
 
     def restore_latest(self, *, abstract_state: Any) -> tuple[int, Any, dict] | None:
-        """Restores the newest readable, intact checkpoint; None when there is none."""
+        """Restores the newest readable, intact checkpoint; None when there is none.
+
+        Decides by cause (restore_causes.py), the same way on every process: a
+        corrupt step is set aside and the previous one tried; a transient error is
+        retried with backoff; anything else raises (CheckpointMismatchError or
+        CheckpointRestoreError) and moves nothing.
+        """
         for step in reversed(self.all_steps()):
-            try:   # unreadable or altered metadata or arrays: corrupt; a mismatch: an error
-                state, data_position = self.restore(step, abstract_state=abstract_state)
-            except CheckpointMismatchError:
-                raise
-            except Exception as e:  # noqa: BLE001 - any read failure means "unusable"
-                self._quarantine(step, e)
+            for attempt in range(self._restore_attempts):
+                result, error, outcome = self._try_restore(step, abstract_state)
+                worst, where = restore_causes.agree(outcome)
+                if worst != restore_causes.TRANSIENT or attempt + 1 == self._restore_attempts:
+                    break
+                delay = self._restore_backoff_s * 2 ** attempt
+                log.warning("Checkpoint step %d: transient read error on process %d (%s); "
+                            "retrying in %.3g s (attempt %d of %d).", step, where,
+                            _describe(error) if error else "see its log", delay,
+                            attempt + 2, self._restore_attempts)
+                time.sleep(delay)
+            if worst == restore_causes.OK:
+                return (step, *result)
+            if worst == restore_causes.CORRUPT:
+                self._quarantine(step, error, where)
                 continue
-            return step, state, data_position
+            raise self._restore_error(step, error, worst, where)
         return None
+
+    def _try_restore(self, step: int, abstract_state: Any):
+        """(result, None, OK) or (None, error, its restore_causes outcome)."""
+        try:
+            result = self.restore(step, abstract_state=abstract_state)
+            if step == self.all_steps()[-1]:
+                fault = restore_causes.injected_fault(CheckpointCorruptError)
+                if fault is not None:
+                    raise fault
+            return result, None, restore_causes.OK
+        except Exception as e:  # noqa: BLE001 - classified, and re-raised unless corrupt
+            outcome = restore_causes.classify(e, corrupt_types=(CheckpointCorruptError,),
+                                              fatal_types=(CheckpointMismatchError,))
+            if outcome != restore_causes.CORRUPT:
+                log.warning("Checkpoint step %d: restore failed (%s; %s).", step,
+                            restore_causes.NAMES[outcome], _describe(e))
+            return None, e, outcome
+
+    def _restore_error(self, step: int, error: Exception | None, worst: int,
+                       where: int) -> Exception:
+        if isinstance(error, CheckpointMismatchError):
+            return error
+        source = (f"on process {where} of {jax.process_count()}"
+                  if jax.process_count() > 1 else "")
+        cause = _describe(error) if error is not None else "see that process's log"
+        if worst == restore_causes.TRANSIENT:
+            what = (f"could not read checkpoint step {step} in {self.directory} after "
+                    f"{self._restore_attempts} attempts {source} ({cause}); it is not "
+                    "corrupt, so it was not set aside and nothing was moved")
+            fix = "check that the storage is reachable, then rerun to resume"
+        else:
+            what = (f"restoring checkpoint step {step} in {self.directory} failed "
+                    f"{source} ({cause}); this does not show the checkpoint is corrupt, "
+                    "so nothing was moved")
+            fix = ("free memory or use more devices, then rerun to resume"
+                   if "memory" in cause.lower() or "RESOURCE_EXHAUSTED" in cause else
+                   "fix the cause (the traceback is in the log), then rerun to resume")
+        raised = CheckpointRestoreError(" ".join(what.split()), fix=fix)
+        raised.__cause__ = error
+        return raised
 
     def _state_metadata(self, step: int) -> dict[str, Any]:
         metadata = self._manager.item_metadata(step)["state"]
@@ -336,19 +406,43 @@ class Checkpointer:
             raise FileNotFoundError(f"no state metadata for step {step}")
         return flatten_with_paths(metadata)
 
-    def _quarantine(self, step: int, error: Exception) -> None:
-        source = os.path.join(self.directory, str(step))
-        target = os.path.join(f"{self.directory.rstrip('/')}.corrupt",
-                              f"{step}-{int(time.time())}")
-        log.warning("Checkpoint step %d at %s is unreadable or corrupt (%s: %s). Moving "
-                    "it to %s and trying the previous one.", step, source,
-                    type(error).__name__, str(error)[:300], target)
+    def _quarantine(self, step: int, error: Exception | None, where: int) -> None:
+        """Moves `step` to `<directory>.corrupt/<step>-<time>`; every process calls it
+        (process 0 moves, then all meet at a barrier)."""
+        source = epath.Path(self.directory) / str(step)
+        target = (epath.Path(f"{self.directory.rstrip('/')}.corrupt")
+                  / f"{step}-{int(time.time())}")
+        log.warning("Checkpoint step %d at %s is unreadable or corrupt (%s, seen by process "
+                    "%d). Moving it to %s and trying the previous one.", step, source,
+                    _describe(error) if error else "see that process's log", where,
+                    target.parent)
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.move(source, target)
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+            _move_tree(source, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
         self._manager.reload()
+
+
+def _describe(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+
+def _move_tree(source: epath.Path, target: epath.Path) -> None:
+    """Moves a directory. A local (POSIX) path is renamed, atomically. Object stores
+    (gs://, s3://) have no directory rename: each file is copied, then the source is
+    deleted, so a crash in between leaves both copies, never neither."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if "://" not in os.fspath(source):
+        source.rename(target)
+        return
+    for path in source.rglob("*"):
+        if path.is_file():
+            destination = target / path.relative_to(source)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            path.copy(destination)
+    source.rmtree()
 
 
 def _check_tree_matches(saved: Mapping[str, Any], abstract_state: Any, *, what: str) -> None:
@@ -379,7 +473,7 @@ class CheckpointReader:
     """
 
     def __init__(self, directory: str):
-        if not os.path.isdir(directory):
+        if not epath.Path(directory).is_dir():
             raise FileNotFoundError(f"no checkpoint directory {directory}")
         self.directory = directory
         self._manager = ocp.CheckpointManager(
