@@ -344,6 +344,8 @@ class Checkpointer:
             for attempt in range(self._restore_attempts):
                 result, error, outcome = self._try_restore(step, abstract_state)
                 worst, where = restore_causes.agree(outcome)
+                if outcome != worst:      # another process's error decides; ours misleads
+                    error = None
                 if worst != restore_causes.TRANSIENT or attempt + 1 == self._restore_attempts:
                     break
                 delay = self._restore_backoff_s * 2 ** attempt
