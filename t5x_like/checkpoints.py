@@ -17,13 +17,17 @@ Never losing a run:
   so a crash mid-write leaves no step directory that looks finished.
 - Every restore recomputes the fingerprints of what it read and compares them with
   the saved ones, so flipped bytes are caught, not trained on.
-- `restore_latest` walks back from the newest step and decides by cause
-  (checkpoint_faults.py): only a checkpoint proven corrupt (missing or truncated
-  files, or failing that comparison) is moved aside to `<dir>.corrupt/` with a
-  warning naming it, and the previous one is used; a transient read error is
-  retried with backoff; anything else (out of memory, a checkpoint of another
-  config, a bug) stops the run with one error and moves nothing: recovery must not
-  throw away valid work. Several processes take the same decision together.
+- `restore_latest` walks back from the newest step and decides by the cause of a
+  failure (restore_causes.py has the exact list). Only a checkpoint proven corrupt
+  (missing or truncated files, undecodable metadata or chunks, or fingerprints that
+  differ) is moved aside to `<dir>.corrupt/` with a warning naming it, and the
+  previous one is used. A transient storage error (EIO, timeouts, `UNAVAILABLE`) is
+  retried with exponential backoff; if it persists, the run stops. Anything else
+  (out of memory, a checkpoint that does not fit the model because the config
+  changed, a bug) stops the run with one CheckpointRestoreError (or
+  CheckpointMismatchError) and moves nothing: recovery must not throw away valid
+  work. With several processes, all exchange their outcome for each step and act on
+  the worst one, so they stop together or set the step aside together.
 - A failed write (disk full, read-only directory) is a CheckpointWriteError naming
   the step whose write failed, raised at the first step after the failure
   (`raise_if_save_failed`), not at the next save. Step directories are created
@@ -40,7 +44,6 @@ import dataclasses
 import logging
 import os
 import re
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -49,15 +52,26 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from t5x_like import checkpoint_faults, errors, integrity, storage
-from t5x_like.checkpoint_faults import (CheckpointCorruptError, CheckpointMismatchError,
-                                       RestoreError)
+from t5x_like import errors, integrity, restore_causes, storage
 
 log = logging.getLogger(__name__)
 
 
+class CheckpointMismatchError(errors.RunError, ValueError):
+    """A checkpoint is readable but its tree does not match what is being restored."""
+
+
 class CheckpointWriteError(errors.RunError, RuntimeError):
     """Writing a checkpoint failed (disk full, no permission...)."""
+
+
+class CheckpointCorruptError(errors.RunError, ValueError):
+    """A checkpoint was read, but its arrays are not what was saved."""
+
+
+class CheckpointRestoreError(errors.RunError, RuntimeError):
+    """Restoring failed for a cause that does not mean the checkpoint is corrupt
+    (out of memory, storage unavailable, a bug): nothing was set aside."""
 
 
 DATA_POSITIONS = "data_positions"
@@ -136,14 +150,16 @@ class Checkpointer:
 
     def __init__(self, *, directory: str, max_to_keep: int | None = 3,
                  keep_period: int | None = None, async_save: bool = True,
-                 restore_attempts: int = 5, retry_delay_s: float = 2.0):
+                 restore_attempts: int = 4, restore_backoff_s: float = 2.0):
         """`max_to_keep` latest checkpoints are kept, plus forever every step that is
-        a multiple of `keep_period` (e.g. for later evaluation). `directory` is a
-        local path or a URL (storage.py). A transient read error at restore is tried
-        `restore_attempts` times, `retry_delay_s` doubling between tries (2+4+8+16 s
-        by default)."""
-        self._restore_attempts, self._retry_delay_s = restore_attempts, retry_delay_s
+        a multiple of `keep_period` (e.g. for later evaluation). A restore that fails
+        with a transient storage error is tried `restore_attempts` times in all,
+        waiting `restore_backoff_s`, then twice, four times as long... in between
+        (by default 2 + 4 + 8 = 14 s at most). `directory` is a local path or a URL
+        (storage.py)."""
         self.directory = directory = storage.resolve(directory)
+        self._restore_attempts = max(1, restore_attempts)
+        self._restore_backoff_s = restore_backoff_s
         self._protected = _ProtectedSteps()
         policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep), self._protected]
         if keep_period:
@@ -218,16 +234,15 @@ class Checkpointer:
         directory, rather than at the first save."""
         if "://" in self.directory:       # object stores: no cheap probe; saves will tell
             return
-        probe = os.path.join(self.directory, f".write_probe.{os.getpid()}")
+        probe = epath.Path(self.directory) / f".write_probe.{os.getpid()}"
         try:
-            with open(probe, "w"):
-                pass
-            os.remove(probe)
+            probe.write_bytes(b"")
+            probe.unlink()
         except OSError as e:
             complete = committed_steps(self.directory)
             raise errors.NotWritableError(
                 f"the checkpoint directory {self.directory} is not writable "
-                f"({e.strerror}); its checkpoints"
+                f"({e.strerror or e}); its checkpoints"
                 + (f" (latest: step {complete[-1]}) are intact" if complete
                    else " are untouched"),
                 fix="make it writable (or use another MODEL_DIR), then rerun to resume"
@@ -319,61 +334,74 @@ class Checkpointer:
         return state
 
     def restore_latest(self, *, abstract_state: Any) -> tuple[int, Any, dict] | None:
-        """Restores the newest intact checkpoint; None when there is none.
+        """Restores the newest readable, intact checkpoint; None when there is none.
 
-        What a failure means is decided by its cause (checkpoint_faults.py), and all
-        processes act on the same decision: a checkpoint proven corrupt is set aside
-        and the previous one tried; a transient read error is retried; anything else
-        (out of memory, another config, retries used up) raises, moving nothing.
+        Decides by cause (restore_causes.py), the same way on every process: a
+        corrupt step is set aside and the previous one tried; a transient error is
+        retried with backoff; anything else raises (CheckpointMismatchError or
+        CheckpointRestoreError) and moves nothing.
         """
         for step in reversed(self.all_steps()):
-            result, error = None, None
-            try:
-                result = checkpoint_faults.with_retries(
-                    lambda: self._restore_checked(step, abstract_state),
-                    what=f"Restoring checkpoint step {step}",
-                    attempts=self._restore_attempts, first_delay_s=self._retry_delay_s)
-                outcome = checkpoint_faults.Outcome.OK
-            except Exception as e:  # noqa: BLE001 - classified, then re-raised or acted on
-                error, outcome = e, checkpoint_faults.classify(e)
-            decision = checkpoint_faults.agree(outcome)
-            if decision == checkpoint_faults.Outcome.OK:
-                state, data_position = result
-                return step, state, data_position
-            if decision == checkpoint_faults.Outcome.CORRUPT:
-                self._quarantine(step, error)
+            for attempt in range(self._restore_attempts):
+                result, error, outcome = self._try_restore(step, abstract_state)
+                worst, where = restore_causes.agree(outcome)
+                if outcome != worst:      # another process's error decides; ours misleads
+                    error = None
+                if worst != restore_causes.TRANSIENT or attempt + 1 == self._restore_attempts:
+                    break
+                delay = self._restore_backoff_s * 2 ** attempt
+                log.warning("Checkpoint step %d: transient read error on process %d (%s); "
+                            "retrying in %.3g s (attempt %d of %d).", step, where,
+                            _describe(error) if error else "see its log", delay,
+                            attempt + 2, self._restore_attempts)
+                time.sleep(delay)
+            if worst == restore_causes.OK:
+                return (step, *result)
+            if worst == restore_causes.CORRUPT:
+                self._quarantine(step, error, where)
                 continue
-            raise self._fatal(step, error)
+            raise self._restore_error(step, error, worst, where)
         return None
 
-    def _restore_checked(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        restored = self.restore(step, abstract_state=abstract_state)
-        checkpoint_faults.injected_faults.check(step)
-        return restored
+    def _try_restore(self, step: int, abstract_state: Any):
+        """(result, None, OK) or (None, error, its restore_causes outcome)."""
+        try:
+            result = self.restore(step, abstract_state=abstract_state)
+            if step == self.all_steps()[-1]:
+                fault = restore_causes.injected_fault(CheckpointCorruptError)
+                if fault is not None:
+                    raise fault
+            return result, None, restore_causes.OK
+        except Exception as e:  # noqa: BLE001 - classified, and re-raised unless corrupt
+            outcome = restore_causes.classify(e, corrupt_types=(CheckpointCorruptError,),
+                                              fatal_types=(CheckpointMismatchError,))
+            if outcome != restore_causes.CORRUPT:
+                log.warning("Checkpoint step %d: restore failed (%s; %s).", step,
+                            restore_causes.NAMES[outcome], _describe(e))
+            return None, e, outcome
 
-    def _fatal(self, step: int, error: Exception | None) -> errors.RunError:
-        """The one error a run stops with when step `step` cannot be restored and is
-        not proven corrupt (this process's error, or another process's verdict)."""
-        if isinstance(error, errors.RunError):
+    def _restore_error(self, step: int, error: Exception | None, worst: int,
+                       where: int) -> Exception:
+        if isinstance(error, CheckpointMismatchError):
             return error
-        where = f"checkpoint step {step} in {self.directory}"
-        if error is None:
-            return RestoreError(
-                f"another process of this run could not restore {where} (its log names "
-                "the cause); nothing was moved",
-                fix="fix that process's problem, then rerun all processes to resume")
-        cause = " ".join(f"{type(error).__name__}: {error}".split())
-        cause = cause[:300] + ("..." if len(cause) > 300 else "")
-        if checkpoint_faults.is_transient(error):
-            fix = ("check the storage's availability and rerun to resume from it (the "
-                   f"read was tried {self._restore_attempts} times)")
-        elif isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in cause:
-            fix = ("restore on more or larger devices (or shard it further: FSDP), then "
-                   "rerun to resume from it")
+        source = (f"on process {where} of {jax.process_count()}"
+                  if jax.process_count() > 1 else "")
+        cause = _describe(error) if error is not None else "see that process's log"
+        if worst == restore_causes.TRANSIENT:
+            what = (f"could not read checkpoint step {step} in {self.directory} after "
+                    f"{self._restore_attempts} attempts {source} ({cause}); it is not "
+                    "corrupt, so it was not set aside and nothing was moved")
+            fix = "check that the storage is reachable, then rerun to resume"
         else:
-            fix = "rerun with --verbose for the traceback; the checkpoint is intact"
-        return RestoreError(f"cannot restore {where} ({cause}); it is not proven corrupt, "
-                            "so nothing was moved", fix=fix)
+            what = (f"restoring checkpoint step {step} in {self.directory} failed "
+                    f"{source} ({cause}); this does not show the checkpoint is corrupt, "
+                    "so nothing was moved")
+            fix = ("free memory or use more devices, then rerun to resume"
+                   if "memory" in cause.lower() or "RESOURCE_EXHAUSTED" in cause else
+                   "fix the cause (the traceback is in the log), then rerun to resume")
+        raised = CheckpointRestoreError(" ".join(what.split()), fix=fix)
+        raised.__cause__ = error
+        return raised
 
     def _state_metadata(self, step: int) -> dict[str, Any]:
         metadata = self._manager.item_metadata(step)["state"]
@@ -381,39 +409,47 @@ class Checkpointer:
             raise FileNotFoundError(f"no state metadata for step {step}")
         return flatten_with_paths(metadata)
 
-    def _quarantine(self, step: int, error: Exception | None) -> None:
-        """Moves a step proven corrupt to `<dir>.corrupt/<step>-<time>` (process 0
-        moves; every process reaches the barrier, having agreed to come here)."""
-        source = storage.join(self.directory, str(step))
-        target = storage.join(f"{self.directory}.corrupt", f"{step}-{int(time.time())}")
-        reason = ("another process found it corrupt" if error is None
-                  else f"{type(error).__name__}: {str(error)[:300]}")
-        log.warning("Checkpoint step %d at %s is unreadable or corrupt (%s). Moving it to %s "
-                    "and trying the previous one.", step, source, reason, target)
+    def _quarantine(self, step: int, error: Exception | None, where: int) -> None:
+        """Moves `step` to `<directory>.corrupt/<step>-<time>`; every process calls it
+        (process 0 moves, then all meet at a barrier)."""
+        source = epath.Path(self.directory) / str(step)
+        target = (epath.Path(f"{self.directory.rstrip('/')}.corrupt")
+                  / f"{step}-{int(time.time())}")
+        log.warning("Checkpoint step %d at %s is unreadable or corrupt (%s, seen by process "
+                    "%d). Moving it to %s and trying the previous one.", step, source,
+                    _describe(error) if error else "see that process's log", where,
+                    target.parent)
         if jax.process_index() == 0:
             _move_tree(source, target)
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
         self._manager.reload()
 
 
-def _move_tree(source: str, target: str) -> None:
-    """A rename where the store has one (local disks); object stores have no folder
-    rename, so there the tree is copied object by object, then deleted."""
-    if not storage.is_url(source):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.move(source, target)
+def _describe(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+
+def _move_tree(source: epath.Path, target: epath.Path) -> None:
+    """Moves a directory. A local (POSIX) path is renamed, atomically. Object stores
+    (gs://, s3://) have no directory rename: each file is copied, then the source is
+    deleted, so a crash in between leaves both copies, never neither."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if "://" not in os.fspath(source):
+        source.rename(target)
         return
-    source_path, target_path = storage.path(source), storage.path(target)
-    for item in _walk_files(source_path):
-        destination = target_path / item.relative_to(source_path)
+    for path in _walk_files(source):
+        destination = target / path.relative_to(source)
         destination.parent.mkdir(parents=True, exist_ok=True)
-        item.copy(destination, overwrite=True)
-    source_path.rmtree()
+        path.copy(destination)
+    source.rmtree()
 
 
 def _walk_files(root: epath.Path):
-    """Every file below `root` (iterdir keeps the URL scheme, which walk() drops)."""
+    """Every file below `root`. epath refuses `**` globs on gs:// (one listing per
+    folder is what happens here anyway), and its walk() drops the URL scheme."""
     for item in root.iterdir():
         if item.is_dir():
             yield from _walk_files(item)

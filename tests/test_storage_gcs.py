@@ -284,3 +284,30 @@ def test_a_hugging_face_directory_in_the_bucket_imports_as_from_disk(emulator, t
     jax.tree.map(np.testing.assert_array_equal, from_bucket[1], from_disk[1])
     text = "Raises ValueError when the list is empty."
     assert tokenizer.load(url).encode(text) == tokenizer.load(local).encode(text)
+
+
+def test_a_corrupt_checkpoint_in_the_bucket_is_set_aside_there(emulator, tmp_path):
+    """Object stores cannot rename a folder: quarantine copies the step's objects to
+    checkpoints.corrupt/ in the bucket, deletes them, and the previous step restores."""
+    from test_checkpoint_recovery import layout_for, make_state
+
+    from t5x_like import checkpoints, partitioning, storage
+    partitioner = partitioning.Partitioner(devices=jax.devices()[:1])
+    state, layout = make_state(partitioner, seed=1)
+    directory = f"gs://{BUCKET}/quarantine/checkpoints"
+    ckpt = checkpoints.Checkpointer(directory=directory, async_save=False)
+    for step in (1, 2):
+        ckpt.save(step, state, data_position={"step": step})
+    ckpt.close()
+    manifest = storage.path(directory, "2", "state", "_METADATA")
+    manifest.write_bytes(manifest.read_bytes()[:20])                 # truncated
+    ckpt = checkpoints.Checkpointer(directory=directory)
+    step, restored, _ = ckpt.restore_latest(
+        abstract_state=layout_for(partitioner).abstract_with_shardings())
+    ckpt.close()
+    assert step == 1
+    jax.tree.map(np.testing.assert_array_equal, restored, state)
+    assert checkpoints.committed_steps(directory) == [1]
+    [aside] = storage.list_dir(f"{directory}.corrupt")
+    assert aside.startswith("2-")
+    assert "_METADATA" in storage.list_dir(f"{directory}.corrupt/{aside}/state")
