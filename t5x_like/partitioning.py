@@ -16,7 +16,7 @@ There is no separate "rules preset" that could disagree with the mesh (FSDP rule
 on a mesh whose fsdp axis is 1 used to replicate everything without a word).
 
 The rules are then fitted to the model (`Partitioner.fit_to_parameters`, which
-`trainer.state_layout` calls before anything is placed or compiled): attention heads
+`trainer.params_layout` calls for train, eval and infer alike, before anything is placed or compiled): attention heads
 fewer than the mesh axes they map to are replicated across them instead of split (as
 MaxText and vLLM do for the few key/value heads of GQA models under tensor
 parallelism), and any other dimension that its mesh axes cannot split evenly is an
@@ -203,7 +203,7 @@ class Partitioner:
         mesh axes are replicated for the whole model (parameters and activations);
         anything else that does not divide raises a ConfigError naming the parameter,
         logical axis, mesh axis and the Partitioner setting to change. Call it before
-        tracing the model under `context()` (trainer.state_layout does).
+        tracing the model under `context()` (trainer.params_layout does).
         """
         base = rules_for_mesh(self.mesh.shape)
         replicated: set[str] = set()
