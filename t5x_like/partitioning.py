@@ -16,8 +16,8 @@ There is no separate "rules preset" that could disagree with the mesh (FSDP rule
 on a mesh whose fsdp axis is 1 used to replicate everything without a word).
 
 The rules are then fitted to the model (`Partitioner.fit_to_parameters`, which
-`trainer.params_layout` calls for train, eval and infer alike, before anything is placed or compiled): attention heads
-fewer than the mesh axes they map to are replicated across them instead of split (as
+`trainer.params_layout` calls for train, eval and infer alike, before anything is
+placed or compiled): attention heads fewer than the mesh axes they map to are replicated across them instead of split (as
 MaxText and vLLM do for the few key/value heads of GQA models under tensor
 parallelism), and any other dimension that its mesh axes cannot split evenly is an
 error naming the parameter, its logical axis, the mesh axis and the setting to change.
