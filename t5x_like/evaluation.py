@@ -114,8 +114,8 @@ class TeacherForcedEvaluator:
     The batches (`num_batches` global batches per task, from the start of each
     task's validation split) are read when the evaluator is built and reused at
     every evaluation. Every process reads them whole, as one data shard, and keeps
-    its own rows: the eval batches are then the same on any number of processes
-    and whatever the training's `num_data_shards`, so in-loop eval and launch.eval
+    the rows its devices hold (partitioning.batch_block): the eval batches are then
+    the same on any number of processes and whatever the training's `num_data_shards`, so in-loop eval and launch.eval
     report the same numbers for the same parameters. (Eval data is small; reading
     it on every host costs little.) TensorBoard scalars go to `<logdir>/<task>`.
     """
@@ -135,13 +135,14 @@ class TeacherForcedEvaluator:
         self._step = jit_eval_step(model, partitioner=partitioner,
                                    param_shardings=param_shardings,
                                    batch_feature_names=batch_feature_names)
-        if batch_size % jax.process_count():
+        block = partitioning.batch_block(partitioner)
+        if batch_size % block.count:
             raise errors.ConfigError(f"eval batch size {batch_size} does not divide evenly "
-                                     f"over {jax.process_count()} processes",
+                                     f"over {block.count} blocks of batch rows (processes)",
                                      fix="use a batch size that is a multiple of the "
                                      "process count")
-        rows = batch_size // jax.process_count()
-        mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+        rows = batch_size // block.count
+        mine = slice(block.index * rows, (block.index + 1) * rows)
         self._batches = {}
         for task, source in sources.items():
             whole = host_batches.HostBatches(source, global_batch_size=batch_size,

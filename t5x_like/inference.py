@@ -25,18 +25,16 @@ Single process: the batch is the whole global batch.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
 
-from t5x_like import checkpoints, decoding, partitioning, run_dir, storage
+from t5x_like import checkpoints, decoding, partitioning, run_dir, storage, trainer
 
 log = logging.getLogger(__name__)
 
@@ -173,14 +171,13 @@ def task_prompts(task: str, *, split: str, lengths: Mapping[str, int],
 # ---------------------------------------------------------------------------
 
 def abstract_params(model: Any, partitioner: partitioning.Partitioner) -> Any:
-    """The model's parameters as ShapeDtypeStructs carrying their shardings (no FLOPs)."""
-    lengths = model.init_lengths({"encoder_input_tokens": 1, "decoder_target_tokens": 1})
-    with partitioner.context():
-        boxed = jax.eval_shape(
-            functools.partial(model.init_params, batch_size=1, **lengths), jax.random.key(0))
-    shardings = partitioner.shardings(nn.get_partition_spec(boxed))
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        nn.unbox(boxed), shardings)
+    """The model's parameters as ShapeDtypeStructs in training's fitted shardings.
+
+    Parameter shapes do not depend on sequence lengths, hence the 1s.
+    """
+    lengths = {"encoder_input_tokens": 1, "decoder_target_tokens": 1}
+    return trainer.params_layout(model=model, partitioner=partitioner,
+                                 feature_lengths=lengths).abstract_with_shardings()
 
 
 def checkpoint_step(directory: str, wanted: str | None) -> int:

@@ -16,8 +16,8 @@ There is no separate "rules preset" that could disagree with the mesh (FSDP rule
 on a mesh whose fsdp axis is 1 used to replicate everything without a word).
 
 The rules are then fitted to the model (`Partitioner.fit_to_parameters`, which
-`trainer.state_layout` calls before anything is placed or compiled): attention heads
-fewer than the mesh axes they map to are replicated across them instead of split (as
+`trainer.params_layout` calls for train, eval and infer alike, before anything is
+placed or compiled): attention heads fewer than the mesh axes they map to are replicated across them instead of split (as
 MaxText and vLLM do for the few key/value heads of GQA models under tensor
 parallelism), and any other dimension that its mesh axes cannot split evenly is an
 error naming the parameter, its logical axis, the mesh axis and the setting to change.
@@ -204,7 +204,7 @@ class Partitioner:
         mesh axes are replicated for the whole model (parameters and activations);
         anything else that does not divide raises a ConfigError naming the parameter,
         logical axis, mesh axis and the Partitioner setting to change. Call it before
-        tracing the model under `context()` (trainer.state_layout does).
+        tracing the model under `context()` (trainer.params_layout does).
         """
         base = rules_for_mesh(self.mesh.shape)
         replicated: set[str] = set()
@@ -312,16 +312,56 @@ class _MeshAndRules:
         self._mesh_ctx.__exit__(*exc)
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchBlock:
+    """Which rows of every global batch this process's devices hold.
+
+    The global batch is cut into `count` equal blocks of rows; this process holds
+    block `index`. Usually one block per process, but when the model axis spans
+    processes (e.g. tensor_parallelism=8 over 2 hosts of 4 devices) several
+    processes hold the same rows, and each must feed them, not rows of its own.
+    `leads` is False for all but the first process of a block (it alone saves the
+    block's data positions).
+    """
+    index: int
+    count: int
+    leads: bool
+
+
+def batch_block(partitioner: Partitioner) -> BatchBlock:
+    """This process's BatchBlock, read off the batch sharding's device -> rows map;
+    ConfigError if the mesh gives some process rows that are not one such block."""
+    rows = partitioner.mesh.devices.size      # any size the batch axes divide
+    by_device = partitioner.batch_sharding(1).devices_indices_map((rows,))
+    spans: dict[int, set[int]] = {}
+    for device, (index,) in by_device.items():
+        spans.setdefault(device.process_index, set()).update(range(rows)[index])
+    blocks = sorted({(min(r), max(r) + 1) for r in spans.values()})
+    size = blocks[0][1] - blocks[0][0]
+    if any(len(r) != max(r) + 1 - min(r) for r in spans.values()) or \
+            blocks != [(i * size, (i + 1) * size) for i in range(len(blocks))]:
+        raise errors.ConfigError(
+            f"the mesh {dict(partitioner.mesh.shape)} gives processes batch rows that are "
+            "not whole equal blocks, so no process can feed its devices from one data shard",
+            fix="order the mesh so each process's devices hold one contiguous block of "
+            "the batch (keep the model axis within a host, or make it span all hosts)")
+    mine = spans[jax.process_index()]
+    index = blocks.index((min(mine), max(mine) + 1))
+    first = min(p for p, r in spans.items() if r == mine)
+    return BatchBlock(index=index, count=len(blocks), leads=first == jax.process_index())
+
+
 def host_local_to_global(batch: Mapping[str, np.ndarray], partitioner: Partitioner
                          ) -> dict[str, jax.Array]:
-    """Turns this host's slice of the batch into global arrays on the mesh.
+    """Turns this host's rows of the batch into global arrays on the mesh.
 
-    Each process passes only its own rows (its data shard); the global batch is
-    the concatenation over processes in process order.
+    Each process passes the rows of its BatchBlock; the global batch is the blocks
+    in order (processes that share a block pass the same rows).
     """
+    count = batch_block(partitioner).count
     out = {}
     for name, local in batch.items():
         sharding = partitioner.batch_sharding(local.ndim)
-        global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+        global_shape = (local.shape[0] * count,) + local.shape[1:]
         out[name] = jax.make_array_from_process_local_data(sharding, local, global_shape)
     return out

@@ -118,7 +118,11 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
     model, train_data, batch_size, seed = run.model, run.train_data, run.batch_size, run.seed
     model_dir = storage.resolve(model_dir)          # a URL stays one; a local path absolute
     is_lead_host = jax.process_index() == 0
-    num_data_shards = num_data_shards or jax.process_count()
+    # Processes feed the batch rows their devices hold: one block each, or one
+    # shared by several when the model axis spans processes.
+    partitioner = run.partitioner()
+    block = partitioning.batch_block(partitioner)
+    num_data_shards = num_data_shards or block.count
     if is_lead_host:
         _write_operative_config(model_dir)
     checkpointer = checkpoints.Checkpointer(
@@ -127,13 +131,11 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
     checkpointer.check_writable()
     feature_lengths = run.feature_lengths()
     shards = host_batches.owned_shards(num_data_shards=num_data_shards,
-                                       process_index=jax.process_index(),
-                                       process_count=jax.process_count())
+                                       process_index=block.index, process_count=block.count)
     for shard in shards:            # an empty corpus fails now, not after model init
         train_data.check(shard_index=shard, num_shards=num_data_shards)
 
     # ----------------------------------------------------------- mesh and state layout
-    partitioner = run.partitioner()
     layout = run.state_layout(partitioner, feature_lengths)
     log.info("Devices: %d (%s), processes: %d, %s", jax.device_count(),
              jax.devices()[0].platform, jax.process_count(), partitioner)
@@ -177,7 +179,7 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
         data_stream=data_stream, num_data_shards=num_data_shards)
     batches = host_batches.HostBatches(
         train_data, global_batch_size=batch_size, num_data_shards=num_data_shards,
-        process_index=jax.process_index(), process_count=jax.process_count(),
+        process_index=block.index, process_count=block.count,
         start_step=start_step, positions=positions)
 
     # ----------------------------------------------------------- the loop
@@ -207,7 +209,7 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
     try:
         while step < train_steps and not preempted:
             local_batch = next(batches)
-            progress.add_tokens(model.count_real_tokens(local_batch) * jax.process_count())
+            progress.add_tokens(model.count_real_tokens(local_batch) * block.count)
             state, step_metrics = train_step(
                 state, partitioning.host_local_to_global(local_batch, partitioner))
             interval.add(step_metrics)              # on device: the host does not wait
@@ -231,7 +233,7 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
                 checkpointer.save(step, state,
                                   data_position={**data_position,
                                                  _INTERVAL_SUMS: interval.sums()},
-                                  shard_positions=batches.positions(),
+                                  shard_positions=batches.positions() if block.leads else {},
                                   num_data_shards=num_data_shards)
             if evaluator and not preempted and (is_last or step % eval_every_steps == 0):
                 evaluator.evaluate(step, state.params)

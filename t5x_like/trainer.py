@@ -123,24 +123,54 @@ def _make_init_fn(model: Model, optimizer: Optimizer, feature_lengths: Mapping[s
     return init
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ParamsLayout:
+    """Shapes, logical specs and shardings of the parameters alone."""
+    abstract: Any                 # ShapeDtypeStructs
+    logical_specs: Any            # PartitionSpecs of logical axis names
+    shardings: Any                # NamedShardings on the partitioner's mesh
+
+    def abstract_with_shardings(self) -> Any:
+        """ShapeDtypeStructs carrying shardings: where loaded parameters go."""
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            self.abstract, self.shardings)
+
+
+def params_layout(*, model: Model, partitioner: Partitioner,
+                  feature_lengths: Mapping[str, int]) -> ParamsLayout:
+    """The one home of the parameter layout: train, eval, infer and HF import use it.
+
+    Fits the partitioner to the parameters first (mutating its rules), so a GQA
+    model's few kv heads are replicated everywhere alike rather than split unevenly
+    wherever a layout was built without fitting.
+    """
+    shape_kwargs = model.init_lengths(feature_lengths)
+    with partitioner.context():
+        boxed = jax.eval_shape(
+            lambda r: model.init_params(r, batch_size=1, **shape_kwargs), jax.random.key(0))
+    param_specs = nn.get_partition_spec(boxed)
+    abstract = nn.unbox(boxed)
+    # Heads too few for their mesh axes are replicated; a dimension that cannot be
+    # split is an error here, before anything is placed or compiled.
+    partitioner.fit_to_parameters(abstract, param_specs)
+    return ParamsLayout(abstract=abstract, logical_specs=param_specs,
+                        shardings=partitioner.shardings(param_specs))
+
+
 def state_layout(*, model: Model, optimizer: Optimizer, partitioner: Partitioner,
                  feature_lengths: Mapping[str, int]) -> StateLayout:
     """Traces init abstractly and derives the state's shardings. Cheap: no FLOPs."""
-    shape_kwargs = model.init_lengths(feature_lengths)
-    rng = jax.random.key(0)
+    params = params_layout(model=model, partitioner=partitioner,
+                           feature_lengths=feature_lengths)
     with partitioner.context():
-        boxed = jax.eval_shape(
-            lambda r: model.init_params(r, batch_size=1, **shape_kwargs), rng)
-    param_specs = nn.get_partition_spec(boxed)
-    # Heads too few for their mesh axes are replicated; a dimension that cannot be
-    # split is an error here, before anything is placed or compiled.
-    partitioner.fit_to_parameters(nn.unbox(boxed), param_specs)
-    with partitioner.context():
-        abstract = jax.eval_shape(_make_init_fn(model, optimizer, feature_lengths), rng)
+        abstract = jax.eval_shape(_make_init_fn(model, optimizer, feature_lengths),
+                                  jax.random.key(0))
     opt_specs = _optimizer_state_logical_specs(
-        abstract.opt_state, abstract.params, param_specs,
-        optimizer.transform_for(param_specs))
-    logical = TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs)
+        abstract.opt_state, abstract.params, params.logical_specs,
+        optimizer.transform_for(params.logical_specs))
+    logical = TrainState(step=PartitionSpec(), params=params.logical_specs,
+                         opt_state=opt_specs)
     return StateLayout(abstract=abstract, logical_specs=logical,
                        shardings=partitioner.shardings(logical))
 

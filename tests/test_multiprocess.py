@@ -116,3 +116,23 @@ def test_when_one_process_dies_the_other_exits_with_one_line_naming_it(tmp_path)
 def checkpoint_steps_or_empty(model_dir):
     return checkpoint_steps(model_dir) if os.path.isdir(
         os.path.join(model_dir, "checkpoints")) else []
+
+
+TP8 = ("--gin.partitioning.Partitioner.data_parallelism=1",
+       "--gin.partitioning.Partitioner.tensor_parallelism=8")
+
+
+@pytest.mark.slow
+def test_model_axis_across_processes_trains_like_one_process(tmp_path):
+    """tensor_parallelism=8 over 2 hosts x 4: every device holds the whole batch, so
+    both processes must feed the same rows (partitioning.batch_block), not half each.
+    Before, each fed its own half and the global batch doubled. Losses equal those
+    of 1 process x 8 devices with the same mesh."""
+    one = str(tmp_path / "one")
+    run_train(one, *TP8, "--num_cpu_devices=8")
+    logs = run_two_processes(str(tmp_path / "two"), *TP8)
+    assert "model=8" in logs[0], logs[0][-2000:]
+    two = logged_losses(str(tmp_path / "two"))
+    assert sorted(two) == [1, 2]
+    np.testing.assert_allclose([two[s] for s in (1, 2)],
+                               [logged_losses(one)[s] for s in (1, 2)], rtol=1e-6)
