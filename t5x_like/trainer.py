@@ -146,9 +146,10 @@ def params_layout(*, model: Model, partitioner: Partitioner,
     wherever a layout was built without fitting.
     """
     shape_kwargs = model.init_lengths(feature_lengths)
+    rng = jax.random.key(0)   # made outside the mesh: an AOT mesh's devices cannot run it
     with partitioner.context():
         boxed = jax.eval_shape(
-            lambda r: model.init_params(r, batch_size=1, **shape_kwargs), jax.random.key(0))
+            lambda r: model.init_params(r, batch_size=1, **shape_kwargs), rng)
     param_specs = nn.get_partition_spec(boxed)
     abstract = nn.unbox(boxed)
     # Heads too few for their mesh axes are replicated; a dimension that cannot be
@@ -163,9 +164,9 @@ def state_layout(*, model: Model, optimizer: Optimizer, partitioner: Partitioner
     """Traces init abstractly and derives the state's shardings. Cheap: no FLOPs."""
     params = params_layout(model=model, partitioner=partitioner,
                            feature_lengths=feature_lengths)
+    rng = jax.random.key(0)
     with partitioner.context():
-        abstract = jax.eval_shape(_make_init_fn(model, optimizer, feature_lengths),
-                                  jax.random.key(0))
+        abstract = jax.eval_shape(_make_init_fn(model, optimizer, feature_lengths), rng)
     opt_specs = _optimizer_state_logical_specs(
         abstract.opt_state, abstract.params, params.logical_specs,
         optimizer.transform_for(params.logical_specs))
