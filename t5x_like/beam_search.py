@@ -6,6 +6,12 @@ log-probability) are kept, so that K live beams remain even when K of them just
 produced EOS. The model's state (its KV cache) follows its beams: after each step
 it is reordered by the live beams' parents.
 
+A beam never leaves its example, so under a mesh all of this stays on each batch
+shard: the state is repeated and reordered within each example (a gather on a
+[B, K, ...] view, B kept sharded) and the choice of tokens runs per shard
+(shard_map). No cache moves between devices; tests/test_decoding_sharded.py reads
+the compiled loop to keep it so.
+
 The two rule sets (`RULES`, chosen by `DecodeConfig.length_penalty`: 't5x' as T5X's
 `beam_search`, 'hf' as transformers' `generate`) differ in four places; n is the
 number of generated tokens, EOS included:
@@ -26,12 +32,15 @@ Either way the early stop needs all K finished slots filled.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from t5x_like.models import kv_cache
 
@@ -67,6 +76,34 @@ class _Beams:
     finished_scores_BxK: Array   # penalised scores, best first
     finished_BxK: Array          # which finished slots hold a sequence
     improvable_B: Array          # False once the example can stop
+
+
+def _batch_sharded(x_Bx: Array) -> Array:
+    """x with its first dimension (examples, or example-major rows) kept on the
+    batch's mesh axes and the others left to XLA; a no-op without logical rules."""
+    return nn.with_logical_constraint(
+        x_Bx, ('batch',) + (PartitionSpec.UNCONSTRAINED,) * (x_Bx.ndim - 1))
+
+
+def _on_batch_shards(fn: Callable) -> Callable:
+    """`fn`, a per-example computation, run by each batch shard on its own examples.
+
+    A shard_map over the batch's mesh axes (arrays split on their first dimension,
+    scalars replicated); `fn` as it is without a mesh and logical rules. The beam
+    bookkeeping needs it: XLA partitions `top_k` only along the sorted dimension
+    and otherwise gathers its operand, all examples onto every device.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not nn.get_logical_axis_rules():
+        return fn
+    batch_axes = nn.logical_to_mesh_axes(('batch',))[0]
+    specs = lambda tree: jax.tree.map(
+        lambda x: PartitionSpec() if jnp.ndim(x) == 0 else PartitionSpec(batch_axes), tree)
+
+    def sharded(*args):
+        return jax.shard_map(fn, mesh=mesh, in_specs=specs(args),
+                             out_specs=specs(jax.eval_shape(fn, *args)))(*args)
+    return sharded
 
 
 def _take(x_BxNx: Array, index_BxM: Array) -> Array:
@@ -118,17 +155,43 @@ def _advance(beams: _Beams, logits_BKxV: Array, *, eos_id: int, max_length: int,
                   finished_BxK=finished_BxK, improvable_B=improvable_B), parent_BxK
 
 
-def reorder(state: Any, rows: Array) -> Any:
-    """The state's rows `rows` (each beam takes its parent's cache), except for the
-    fields declared `kv_cache.same_for_every_beam()`, which stay as they are."""
-    take = lambda x: jnp.take(x, rows, axis=0)
+def _per_beam_fields(state: Any, fn: Callable[[Array], Array]) -> Any:
+    """`fn` applied to every array of the state, except the fields declared
+    `kv_cache.same_for_every_beam()` (when `state` is such a dataclass)."""
     if not dataclasses.is_dataclass(state):
-        return jax.tree.map(take, state)
-    moved = {f.name: jax.tree.map(take, getattr(state, f.name))
+        return jax.tree.map(fn, state)
+    moved = {f.name: jax.tree.map(fn, getattr(state, f.name))
              for f in dataclasses.fields(state)
              if f.metadata.get('pytree_node', True)
              and not f.metadata.get(kv_cache.SAME_FOR_EVERY_BEAM)}
     return dataclasses.replace(state, **moved)
+
+
+def repeat(state: Any, k: int) -> Any:
+    """Every row of the state K times (row b -> rows b*K .. b*K + K - 1).
+
+    A broadcast within each example, so each batch shard repeats its own rows.
+    """
+    def one(x_Bx):
+        x_BxKx = jnp.broadcast_to(x_Bx[:, None], (x_Bx.shape[0], k) + x_Bx.shape[1:])
+        return _batch_sharded(x_BxKx.reshape((-1,) + x_Bx.shape[1:]))
+    return jax.tree.map(one, state)
+
+
+def reorder(state: Any, parent_BxK: Array) -> Any:
+    """Beam k of example b takes the state of beam parent[b, k] of the same example,
+    except for the fields declared `kv_cache.same_for_every_beam()`.
+
+    A gather within each example ([B*K, ...] viewed as [B, K, ...]), with the
+    example axis kept sharded: indexing the flat B*K rows instead makes XLA gather
+    the whole cache onto every device at every step.
+    """
+    batch, k = parent_BxK.shape
+
+    def one(x_BKx):
+        x_BxKx = _batch_sharded(x_BKx.reshape((batch, k) + x_BKx.shape[1:]))
+        return _batch_sharded(_take(x_BxKx, parent_BxK).reshape(x_BKx.shape))
+    return _per_beam_fields(state, one)
 
 
 def beam_search(step_fn: Callable[[Any, Array, Array], tuple[Array, Any]],
@@ -144,19 +207,18 @@ def beam_search(step_fn: Callable[[Any, Array, Array], tuple[Array, Any]],
     summed log-probability of the best live one.
     """
     batch, k, length = first_logits_BxV.shape[0], num_beams, max_decode_length
-    advance = lambda beams, logits: _advance(beams, logits, eos_id=eos_id,
-                                             max_length=length, rules=rules, alpha=alpha)
+    advance = _on_batch_shards(functools.partial(
+        _advance, eos_id=eos_id, max_length=length, rules=rules, alpha=alpha))
     # Only beam 0 is real at first, so the first step does not pick K copies of a token.
     first_scores = jnp.tile(jnp.array([0.0] + [NEG] * (k - 1), jnp.float32), (batch, 1))
-    beams = _Beams(position=jnp.int32(0),
-                   live_tokens_BxKxL=jnp.zeros((batch, k, length), jnp.int32),
-                   live_scores_BxK=first_scores,
-                   finished_tokens_BxKxL=jnp.zeros((batch, k, length), jnp.int32),
-                   finished_scores_BxK=jnp.full((batch, k), NEG, jnp.float32),
-                   finished_BxK=jnp.zeros((batch, k), bool),
-                   improvable_B=jnp.ones(batch, bool))
-    beams, parent_BxK = advance(beams, jnp.repeat(first_logits_BxV, k, axis=0))
-    state = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), state)
+    beams = _Beams(
+        position=jnp.int32(0), live_tokens_BxKxL=jnp.zeros((batch, k, length), jnp.int32),
+        live_scores_BxK=first_scores,
+        finished_tokens_BxKxL=jnp.zeros((batch, k, length), jnp.int32),
+        finished_scores_BxK=jnp.full((batch, k), NEG, jnp.float32),
+        finished_BxK=jnp.zeros((batch, k), bool), improvable_B=jnp.ones(batch, bool))
+    beams, parent_BxK = advance(beams, repeat(first_logits_BxV, k))
+    state = repeat(state, k)
 
     def not_done(carry):
         beams = carry[0]
@@ -164,7 +226,7 @@ def beam_search(step_fn: Callable[[Any, Array, Array], tuple[Array, Any]],
 
     def body(carry):
         beams, state, parent_BxK = carry
-        state = reorder(state, (jnp.arange(batch)[:, None] * k + parent_BxK).reshape(-1))
+        state = reorder(state, parent_BxK)
         last_BK = jax.lax.dynamic_index_in_dim(beams.live_tokens_BxKxL, beams.position - 1,
                                                axis=2, keepdims=False).reshape(-1)
         logits_BKxV, state = step_fn(state, last_BK, beams.position - 1)

@@ -26,7 +26,7 @@ The contract:
   which feeds one token per row. A new model family implements these two methods and
   needs no change here. Every array leaf of the state they pass around has the
   batch first, so beam search can repeat and reorder it without knowing what is
-  inside.
+  inside (within each example, so each batch shard keeps its own rows).
 
 The token loop is a `lax.while_loop` over fixed shapes (the cache is preallocated),
 stopping early once every row has finished. Temperature 0 is greedy (as T5X).

@@ -17,8 +17,9 @@ What a slot is, is the model's business: the decoder-only model left-aligns
 prompts of different lengths so that all rows write the same slot at each step (one
 scalar index, one `dynamic_update_slice`), and masks each row's left padding.
 
-Beam search reorders a model's decoding state along its beams after every step. A
-state field declared `same_for_every_beam()` (the encoded input's cross-attention
+Beam search reorders a model's decoding state along its beams after every step,
+within each example (so under a mesh the cache stays on its batch shard). A state
+field declared `same_for_every_beam()` (the encoded input's cross-attention
 keys/values, the encoder padding) is identical for all beams of an example, so it
 is repeated once and never reordered: that saves copying it at every step.
 """
