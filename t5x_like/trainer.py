@@ -95,20 +95,6 @@ def _optimizer_state_logical_specs(opt_state: Any, params: Any,
         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class StateLayout:
-    """Shapes, logical specs and shardings of the train state."""
-    abstract: TrainState          # ShapeDtypeStructs
-    logical_specs: TrainState     # PartitionSpecs of logical axis names
-    shardings: TrainState         # NamedShardings on the partitioner's mesh
-
-    def abstract_with_shardings(self) -> TrainState:
-        """ShapeDtypeStructs carrying shardings: the target of a sharded restore."""
-        return jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            self.abstract, self.shardings)
-
-
 def _make_init_fn(model: Model, optimizer: Optimizer, feature_lengths: Mapping[str, int]
                   ) -> Callable[[jax.Array], TrainState]:
     shape_kwargs = model.init_lengths(feature_lengths)
@@ -131,10 +117,15 @@ class ParamsLayout:
     shardings: Any                # NamedShardings on the partitioner's mesh
 
     def abstract_with_shardings(self) -> Any:
-        """ShapeDtypeStructs carrying shardings: where loaded parameters go."""
+        """ShapeDtypeStructs carrying shardings: where restored or loaded arrays go."""
         return jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             self.abstract, self.shardings)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StateLayout(ParamsLayout):
+    """The same for the whole train state: each field holds a TrainState."""
 
 
 def params_layout(*, model: Model, partitioner: Partitioner,
