@@ -114,7 +114,8 @@ def choose_implementation(
         elif has_bias:
             reason = 'splash attention takes no additive bias (T5 relative positions)'
         elif has_prefix:
-            reason = 'splash attention masks are static; a per-example prefix-LM mask is not'
+            reason = ('splash attention masks are static; a per-example mask (prefix LM, '
+                      'or a KV cache in decoding) is not')
     if reason:
         _warn_once(f'attention: {requested} requested but {reason}; falling back to xla.')
         return 'xla'
