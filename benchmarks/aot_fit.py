@@ -38,8 +38,8 @@ MODELS = {
     "t5_1_1_base": T5, "t5_1_1_large": T5, "t5_1_1_xl": T5, "t5_1_1_xxl": T5,
 }
 ADAMW_GIN = """from __gin__ import dynamic_registration
-from t5x_like import optimizers
-from t5x_like import run_config
+from t5x_like.training import optimizers
+from t5x_like.training import run_config
 run_config.RunConfig.optimizer = @optimizers.adamw()
 optimizers.adamw.learning_rate = @optimizers.warmup_cosine_schedule()
 optimizers.warmup_cosine_schedule:

@@ -35,7 +35,8 @@ def main():
     parser.add_argument("--batch_size", type=int, default=8)
     args = parser.parse_args()
     os.chdir(REPO)
-    from t5x_like import aot, topologies
+    from t5x_like.training import aot
+    from t5x_like.parallel import topologies
     tpu = topologies.parse(args.topology)
     rows = []
     for length in args.lengths:

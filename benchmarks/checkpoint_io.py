@@ -5,12 +5,12 @@
 In one run:
   1. the disk: write the same bytes with plain file I/O (+fsync), read them back
      with the page cache dropped (posix_fadvise DONTNEED) -> GB/s;
-  2. Orbax via t5x_like.checkpoints: a ~1 GB state sharded over 8 CPU devices,
+  2. Orbax via t5x_like.checkpointing.checkpoints: a ~1 GB state sharded over 8 CPU devices,
      async save until complete, and restore onto the same shardings -> GB/s, plus
      how long `save()` blocks the caller (the device->host copy);
   3. the train loop: step time of the CPU default model with no save in flight vs
      the steps that start a save and run while it is written;
-  4. the integrity check's cost (integrity.py): save+restore round trips with the
+  4. the integrity check's cost (checkpointing/integrity.py): save+restore round trips with the
      fingerprints (as shipped) and without them (fingerprinting and verification
      switched off in this process only), interleaved `--integrity_repeats` times so
      that load from other jobs falls on both alike -> median GB/s of each, and the
@@ -37,7 +37,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from t5x_like import checkpoints, integrity, optimizers, partitioning, trainer  # noqa: E402
+from t5x_like.checkpointing import checkpoints  # noqa: E402
+from t5x_like.checkpointing import integrity
+from t5x_like import tree_paths
+from t5x_like.training import optimizers
+from t5x_like.parallel import partitioning
+from t5x_like.training import trainer
 from t5x_like.data import synthetic  # noqa: E402
 from t5x_like.models import t5  # noqa: E402
 
@@ -120,7 +125,7 @@ def integrity_cost(directory, state, repeats):
                 runs[variant].append(orbax_roundtrip(path, state))
             shutil.rmtree(path, ignore_errors=True)
     fingerprint_s = []
-    flat = checkpoints.flatten_with_paths(state)
+    flat = tree_paths.flatten(state)
     integrity.fingerprints(flat)                        # compile, not measured
     for _ in range(repeats):
         start = time.perf_counter()
@@ -153,12 +158,12 @@ def async_overhead(directory, steps=12, save_at=4):
                                      batch_feature_names=tuple(lengths))
     batches = source.iterator(per_host_batch_size=32, shard_index=0, num_shards=1, start_step=0)
     ckpt = checkpoints.Checkpointer(directory=directory, max_to_keep=None)
-    state, _ = step_fn(state, partitioning.host_local_to_global(next(batches), part))  # compile
+    state, _ = step_fn(state, partitioning.global_batch(next(batches), part))  # compile
     ckpt.save(0, state, data_position={"step": 0})      # Orbax's one-time setup, not measured
     ckpt.wait_until_finished()
     times, save_block_s = [], 0.0
     for i in range(1, steps + 1):
-        batch = partitioning.host_local_to_global(next(batches), part)
+        batch = partitioning.global_batch(next(batches), part)
         start = time.perf_counter()
         if i == save_at:
             # As in train(): the save starts right after the step that produced the state.

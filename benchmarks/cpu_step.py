@@ -11,7 +11,7 @@ default run (configs/base.gin) as it trains out of the box.
 
 Each row runs in a fresh process (peak RSS is per process) and drives the run's own
 parts the way `train()` does: the run from gin (`run_config.from_gin`), the sharded
-init, the data source's `HostBatches`, `host_local_to_global`, the jitted step (state
+init, the data source's `HostBatches`, `partitioning.global_batch`, the jitted step (state
 donated), the interval metrics kept on device, and the host reading each step's
 `nonfinite` flag one step late, as the NaN guard does. A row ending in `_replay`
 pulls two batches from the real pipeline, closes it (its tf.data threads stop) and
@@ -78,8 +78,11 @@ def measure_row(row: str, *, steps: int, bindings: list[str]) -> dict:
     jax.config.update('jax_num_cpu_devices', num_devices)
     import numpy as np
 
-    from t5x_like import gin_config, partitioning, run_config, trainer
-    from t5x_like import metrics as metrics_lib
+    from t5x_like.config import gin_config
+    from t5x_like.parallel import partitioning
+    from t5x_like.training import run_config
+    from t5x_like.training import trainer
+    from t5x_like.reporting import metrics as metrics_lib
     from t5x_like.data import host_batches
 
     rss_start = _rss_bytes()
@@ -108,7 +111,7 @@ def measure_row(row: str, *, steps: int, bindings: list[str]) -> dict:
                                      seed=run.seed, layout=layout)
     jitted = run.jitted_train_step(partitioner, layout, feature_lengths)
     start = time.perf_counter()
-    compiled = jitted.lower(state, partitioning.host_local_to_global(first[0], partitioner)
+    compiled = jitted.lower(state, partitioning.global_batch(first[0], partitioner)
                             ).compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
@@ -123,7 +126,7 @@ def measure_row(row: str, *, steps: int, bindings: list[str]) -> dict:
         if step == FIRST_TIMED_STEP:            # warm-up over: everything done, clock on
             jax.block_until_ready((state, previous))
             window_start = time.perf_counter()
-        global_batch = partitioning.host_local_to_global(next(batches), partitioner)
+        global_batch = partitioning.global_batch(next(batches), partitioner)
         state, metrics = compiled(state, global_batch)
         interval.add(metrics)
         if previous is not None:                # the NaN guard's one-step-late read

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from benchmarks.model_step import load_model
-from t5x_like import decoding
+from t5x_like.decoding import decode
 from t5x_like.hf import llama as hf_llama
 from t5x_like.hf import t5 as hf_t5
 from t5x_like.models import decoder
@@ -93,11 +93,11 @@ def bench(name: str, method: str, args, directory: str) -> dict:
     model, params, batch, hf_model, hf_inputs, skip = _setup(name, args, directory)
     beams = 4 if method == "beam" else 1
     no_eos = model.config.vocab_size + 1    # never produced: every row runs to the end
-    config = decoding.DecodeConfig(max_decode_length=args.new_tokens, eos_id=no_eos,
+    config = decode.DecodeConfig(max_decode_length=args.new_tokens, eos_id=no_eos,
                                    num_beams=beams, length_penalty="hf", alpha=1.0)
 
     def ours():
-        result = decoding.predict_batch(model, params, batch, config=config)
+        result = decode.predict_batch(model, params, batch, config=config)
         return np.asarray(jax.block_until_ready(result.tokens_BxL))
 
     def theirs():

@@ -37,7 +37,9 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 
 from benchmarks.model_step import load_model  # noqa: E402
-from t5x_like import optimizers, partitioning, trainer  # noqa: E402
+from t5x_like.training import optimizers  # noqa: E402
+from t5x_like.parallel import partitioning
+from t5x_like.training import trainer
 from t5x_like.data import synthetic  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -81,7 +83,7 @@ def build(model, part_kwargs, threshold):
     step = trainer.jit_train_step(trainer.make_train_step(model=model, optimizer=optimizer),
                                   partitioner=part, layout=layout,
                                   batch_feature_names=tuple(lengths))
-    batch = partitioning.host_local_to_global(
+    batch = partitioning.global_batch(
         source.batch(step=0, shard_index=0, batch_size=BATCH), part)
     replicated = sum(1 for s in jax.tree.leaves(layout.shardings.params)
                      if "fsdp" not in str(s.spec))

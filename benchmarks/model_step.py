@@ -16,7 +16,7 @@ Model FLOPs per step come from the models themselves
 (`model.training_flops_per_step`, see t5x_like/models/flop_count.py: the same count
 the training progress line uses). MFU is reported twice: against the matmul peak
 measured here (the practical ceiling) and against the device's nominal dense bf16
-peak (t5x_like/device_peaks.py; none on CPU).
+peak (t5x_like/reporting/device_peaks.py; none on CPU).
 Prints a table; writes benchmarks/results/model_step.json.
 """
 
@@ -34,7 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from t5x_like import device_peaks, optimizers, partitioning, trainer
+from t5x_like.reporting import device_peaks
+from t5x_like.training import optimizers
+from t5x_like.parallel import partitioning
+from t5x_like.training import trainer
 from t5x_like.data import synthetic
 from t5x_like.models import decoder
 
@@ -97,7 +100,7 @@ def run_row(name, batch, dec_len, enc_len, bindings, *, steps, peaks):
     layout = trainer.state_layout(model=model, optimizer=opt, partitioner=part, feature_lengths=lengths)
     state = trainer.init_train_state(model=model, optimizer=opt, partitioner=part,
                                      feature_lengths=lengths, seed=0, layout=layout)
-    batches = [partitioning.host_local_to_global(source.batch(step=i, shard_index=0, batch_size=batch), part)
+    batches = [partitioning.global_batch(source.batch(step=i, shard_index=0, batch_size=batch), part)
                for i in range(2)]
     step = trainer.jit_train_step(trainer.make_train_step(model=model, optimizer=opt),
                                   partitioner=part, layout=layout, batch_feature_names=tuple(batches[0]))

@@ -36,7 +36,9 @@ GB = 1e9
 
 def t5_small_state():
     import jax
-    from t5x_like import optimizers, partitioning, trainer
+    from t5x_like.training import optimizers
+    from t5x_like.parallel import partitioning
+    from t5x_like.training import trainer
     from t5x_like.data import converters
     from t5x_like.models import t5
     config = t5.T5Config(vocab_size=32128, emb_dim=512, num_heads=6, head_dim=64,
@@ -56,7 +58,7 @@ def t5_small_state():
 
 
 def round_trips(directory, state, abstract, repeats):
-    from t5x_like import checkpoints
+    from t5x_like.checkpointing import checkpoints
     ckpt = checkpoints.Checkpointer(directory=directory, max_to_keep=2, async_save=False)
     ckpt.save(0, state, data_position={"step": 0})         # one-time setup, not measured
     saves, restores = [], []

@@ -171,7 +171,7 @@ class AppendableFile:
     append, it is the bytes written so far, rewritten as one object by `flush` (at
     most every `min_flush_interval_s` seconds; `close` always writes). Used for log
     files and TensorBoard event files, which stay small; the event writer starts a
-    new file past a size limit (metrics.py).
+    new file past a size limit (reporting/metrics.py).
     """
 
     def __init__(self, location: str, *, min_flush_interval_s: float = 0.0):

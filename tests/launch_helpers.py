@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # In-loop eval every 2 steps over 2 batches (tests/test_eval_*.py).
-EVAL_ON = ("--gin.train_lib.train.eval_every_steps=2", "--gin.train_lib.train.eval_batches=2")
+EVAL_ON = ("--gin.train_loop.train.eval_every_steps=2", "--gin.train_loop.train.eval_batches=2")
 
 
 def launcher_command(launcher, model_dir, *extra, gin_file="tests/configs/tiny_run.gin"):
@@ -91,7 +91,7 @@ def launch_in_process(model_dir, *extra, gin_file="tests/configs/tiny_run.gin"):
     line it exits with, or None when it trains to the end. Leaves gin and logging as
     it found them."""
     from launch import train as launch_train
-    from t5x_like import gin_config
+    from t5x_like.config import gin_config
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     gin_config.reset()

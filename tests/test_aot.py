@@ -7,7 +7,9 @@ import re
 
 import pytest
 
-from t5x_like import aot, gin_config, topologies
+from t5x_like.training import aot
+from t5x_like.config import gin_config
+from t5x_like.parallel import topologies
 
 TINY = ["tests/configs/tiny_run.gin"]
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5x_like import partitioning
+from t5x_like.parallel import partitioning
 from t5x_like.models import attention
 
 B, L, H, G, D = 4, 200, 4, 2, 64      # 200: not a multiple of the 256 block it pads to

@@ -12,7 +12,11 @@ import numpy as np
 import pytest
 
 from launch_helpers import overwrite_bytes_in_largest_array_file, read_only
-from t5x_like import checkpoints, optimizers, partitioning, trainer
+from t5x_like.checkpointing import checkpoints
+from t5x_like.checkpointing import init_from as init_from_lib
+from t5x_like.training import optimizers
+from t5x_like.parallel import partitioning
+from t5x_like.training import trainer
 from t5x_like.models import t5
 
 FEATURE_LENGTHS = {"encoder_input_tokens": 16, "decoder_target_tokens": 8}
@@ -159,10 +163,10 @@ def test_init_from_params_only_with_rename_and_dtype_cast(tmp_path, source, one_
     fresh, layout = make_state(one_device, model=tiny(layers=3), seed=2)
     abstract = layout.abstract_with_shardings().params
     with pytest.raises(checkpoints.CheckpointMismatchError, match="encoder/layers_2"):
-        checkpoints.restore_params_from(checkpoints.InitFrom(directory=directory),
+        init_from_lib.restore_params_from(init_from_lib.InitFrom(directory=directory),
                                         abstract_params=abstract, fresh_params=fresh.params)
-    params = checkpoints.restore_params_from(
-        checkpoints.InitFrom(directory=directory,
+    params = init_from_lib.restore_params_from(
+        init_from_lib.InitFrom(directory=directory,
                              rename=((r"encoder/layers_2/(.*)", r"encoder/layers_1/\1"),)),
         abstract_params=abstract, fresh_params=fresh.params)
     want = bf16.params
@@ -174,8 +178,8 @@ def test_init_from_params_only_with_rename_and_dtype_cast(tmp_path, source, one_
                                   np.asarray(want["token_embedder"]["embedding"], np.float32))
 
     # Non-strict: the missing layer keeps its fresh initialisation.
-    loose = checkpoints.restore_params_from(
-        checkpoints.InitFrom(directory=directory, strict=False),
+    loose = init_from_lib.restore_params_from(
+        init_from_lib.InitFrom(directory=directory, strict=False),
         abstract_params=abstract, fresh_params=fresh.params)
     assert_trees_equal(loose["encoder"]["layers_2"], fresh.params["encoder"]["layers_2"])
 
@@ -183,7 +187,7 @@ def test_init_from_params_only_with_rename_and_dtype_cast(tmp_path, source, one_
 WRITE_FAILURE = r'''
 import resource, signal, sys, time
 import jax, jax.numpy as jnp
-from t5x_like import checkpoints
+from t5x_like.checkpointing import checkpoints
 directory, how = sys.argv[1:]
 state = {"w": jnp.arange(4 * 1024 * 1024, dtype=jnp.float32)}     # 16 MB
 ckpt = checkpoints.Checkpointer(directory=directory)
@@ -224,7 +228,7 @@ def test_disk_full_during_save_is_a_clear_error_and_keeps_the_previous(tmp_path,
 UNWRITABLE_AT_SAVE = r'''
 import sys, time
 import jax.numpy as jnp
-from t5x_like import checkpoints
+from t5x_like.checkpointing import checkpoints
 ckpt = checkpoints.Checkpointer(directory=sys.argv[1])
 ckpt.save(1, {"w": jnp.ones((8,))}, data_position={"step": 1})
 ckpt.wait_until_finished()

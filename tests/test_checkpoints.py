@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from t5x_like import checkpoints, partitioning
+from t5x_like.checkpointing import checkpoints
+from t5x_like.parallel import partitioning
 
 
 def sharded_state(mesh):

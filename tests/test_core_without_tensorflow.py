@@ -16,11 +16,26 @@ class NoTensorFlow(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, NoTensorFlow())
 import jax
-from t5x_like import checkpoints, gin_config, metrics, optimizers, param_table, partitioning
-from t5x_like import aot, beam_search, decoding, inference, launcher, run_config, train, trainer
-from t5x_like import checkpoint_eval, evaluation, predictions
+from t5x_like.checkpointing import checkpoints
+from t5x_like.config import gin_config
+from t5x_like.reporting import metrics
+from t5x_like.training import optimizers
+from t5x_like.reporting import param_table
+from t5x_like.parallel import partitioning
+from t5x_like.training import aot
+from t5x_like.decoding import beam_search
+from t5x_like.decoding import decode
+from t5x_like.decoding import inference
+from t5x_like.launch import launcher
+from t5x_like.training import run_config
+from t5x_like.training import train_loop
+from t5x_like.training import trainer
+from t5x_like.evaluation import checkpoint_eval
+from t5x_like.evaluation import teacher_forced
+from t5x_like.evaluation import predictions
 from t5x_like.data import converters, host_batches, synthetic, text_metrics
-from t5x_like.hf import init_from, tokenizer
+from t5x_like.hf import tokenizer
+from t5x_like.checkpointing import init_from
 from t5x_like.models import decoder, kv_cache, layers, losses, t5, t5_layers
 
 model = t5.EncoderDecoderModel(config=t5.T5Config(
@@ -39,8 +54,8 @@ assert batches.positions() == {0: b'{"step": 4}', 1: b'{"step": 4}'}
 assert converters.model_feature_lengths({"targets": 8}, converter="lm")["decoder_positions"] == 8
 import numpy as np
 params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), layout.abstract.params)
-result = decoding.predict_batch(model, params, {"encoder_input_tokens": np.ones((2, 8), np.int32)},
-                                config=decoding.DecodeConfig(max_decode_length=3, num_beams=2))
+result = decode.predict_batch(model, params, {"encoder_input_tokens": np.ones((2, 8), np.int32)},
+                                config=decode.DecodeConfig(max_decode_length=3, num_beams=2))
 assert result.tokens_BxL.shape == (2, 3)
 leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "seqio"))
 assert not leaked, leaked

@@ -1,4 +1,4 @@
-"""decoding.py and the models' KV caches: cached logits equal full recomputation,
+"""decoding/decode.py and the models' KV caches: cached logits equal full recomputation,
 sampling (seeded, top-k, top-p statistics), EOS handling, beam search with T5X's
 rules against an exhaustive search, and DecodeConfig checks.
 
@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5x_like import beam_search, decoding
+from t5x_like.decoding import beam_search
+from t5x_like.decoding import decode
 from t5x_like.models import decoder, t5
 
 DECODER = decoder.DecoderConfig(vocab_size=64, emb_dim=32, num_heads=6, num_kv_heads=2,
@@ -113,12 +114,12 @@ def test_sampling_is_reproducible_from_the_seed_and_greedy_ignores_it():
   model, params = _decoder_model_and_params(False)
   batch = {'decoder_input_tokens': np.array([[0, 5, 6, 7], [0, 9, 0, 0]], np.int32),
            'decoder_prompt_lengths': np.array([4, 2], np.int32)}
-  run = lambda config, seed: np.asarray(decoding.predict_batch(
+  run = lambda config, seed: np.asarray(decode.predict_batch(
       model, params, batch, config=config, rng=jax.random.key(seed)).tokens_BxL)
-  sampled = decoding.DecodeConfig(max_decode_length=12, temperature=1.5, eos_id=99)
+  sampled = decode.DecodeConfig(max_decode_length=12, temperature=1.5, eos_id=99)
   np.testing.assert_array_equal(run(sampled, 7), run(sampled, 7))
   assert (run(sampled, 7) != run(sampled, 8)).any()
-  greedy = decoding.DecodeConfig(max_decode_length=12, eos_id=99)
+  greedy = decode.DecodeConfig(max_decode_length=12, eos_id=99)
   np.testing.assert_array_equal(run(greedy, 7), run(greedy, 8))
 
 
@@ -129,8 +130,8 @@ def _softmax(x):
 
 def test_top_k_never_leaves_the_k_best():
   logits = jax.random.normal(jax.random.key(0), (2000, 50)) * 3
-  config = decoding.DecodeConfig(temperature=1.0, top_k=5)
-  tokens = np.asarray(decoding.next_tokens(logits, jax.random.key(1), config))
+  config = decode.DecodeConfig(temperature=1.0, top_k=5)
+  tokens = np.asarray(decode.next_tokens(logits, jax.random.key(1), config))
   top5 = np.argsort(-np.asarray(logits), axis=1)[:, :5]
   assert all(t in row for t, row in zip(tokens, top5))
   assert len(set(tokens)) > 5    # it really samples (rows differ)
@@ -143,8 +144,8 @@ def test_top_p_samples_the_renormalised_nucleus(temperature, top_k, top_p):
   softmax is below 0.005 (its standard error here is ~0.001)."""
   logits = np.array([2.0, 1.5, 1.2, 0.9, 0.5, 0.1, -0.3, -1.0, -2.0, -3.0], np.float32)
   draws = 200_000
-  config = decoding.DecodeConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-  tokens = np.asarray(decoding.next_tokens(
+  config = decode.DecodeConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+  tokens = np.asarray(decode.next_tokens(
       jnp.broadcast_to(jnp.asarray(logits), (draws, 10)), jax.random.key(0), config))
   # Reference, written independently: temperature, keep the k best, then the most
   # likely tokens until their mass reaches top_p, renormalise.
@@ -178,9 +179,9 @@ def test_eos_stops_a_row_pads_after_it_and_ends_its_score():
   first[0, 4] = 5.0
   first[1, 3] = 5.0             # row 1 starts with 3, never meets EOS
   table[:, 3, 3] = 6.0
-  result = decoding.sample(_toy_step(jnp.asarray(table)), jnp.asarray(first),
+  result = decode.sample(_toy_step(jnp.asarray(table)), jnp.asarray(first),
                            {'dummy': jnp.zeros(2)},
-                           config=decoding.DecodeConfig(max_decode_length=length, eos_id=eos),
+                           config=decode.DecodeConfig(max_decode_length=length, eos_id=eos),
                            rng=jax.random.key(0))
   np.testing.assert_array_equal(result.tokens_BxL, [[4, 4, eos, 0, 0], [3, 3, 3, 3, 3]])
   np.testing.assert_array_equal(result.lengths_B, [3, 5])
@@ -259,4 +260,4 @@ def test_penalties_are_the_published_formulas():
 ])
 def test_decode_config_names_what_is_wrong(bad, message):
   with pytest.raises(ValueError, match=message):
-    decoding.DecodeConfig(**bad)
+    decode.DecodeConfig(**bad)

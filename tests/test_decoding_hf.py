@@ -19,7 +19,7 @@ transformers = pytest.importorskip('transformers')
 import test_hf_llama  # noqa: E402
 import test_hf_t5  # noqa: E402
 
-from t5x_like import decoding  # noqa: E402
+from t5x_like.decoding import decode  # noqa: E402
 from t5x_like.hf import llama as hf_llama  # noqa: E402
 from t5x_like.hf import t5 as hf_t5  # noqa: E402
 from t5x_like.models import decoder, t5  # noqa: E402
@@ -65,9 +65,9 @@ def _compare(model, params, batch, generate, prompt_width, *, num_beams, alpha):
     hf_kwargs.update(length_penalty=alpha, early_stopping=False)
   hf_out = generate(eos=eos, **hf_kwargs)
   expected = _zero_after_eos(_generated(hf_out.sequences, prompt_width), eos)
-  config = decoding.DecodeConfig(max_decode_length=STEPS, eos_id=eos, num_beams=num_beams,
+  config = decode.DecodeConfig(max_decode_length=STEPS, eos_id=eos, num_beams=num_beams,
                                  length_penalty='hf', alpha=alpha)
-  result = decoding.predict_batch(model, params, batch, config=config)
+  result = decode.predict_batch(model, params, batch, config=config)
   np.testing.assert_array_equal(np.asarray(result.tokens_BxL), expected)
   ends = [np.flatnonzero(row == eos) for row in expected]
   np.testing.assert_array_equal(result.lengths_B, [e[0] + 1 if len(e) else STEPS for e in ends])

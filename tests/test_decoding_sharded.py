@@ -17,14 +17,16 @@ import jax
 import numpy as np
 import pytest
 
-from t5x_like import decoding, inference, partitioning
+from t5x_like.decoding import decode
+from t5x_like.decoding import inference
+from t5x_like.parallel import partitioning
 from t5x_like.models import decoder, t5
 
 MESHES = {'data_parallel': dict(data_parallelism=-1),
           'fsdp': dict(data_parallelism=1, fsdp_parallelism=-1),
           'fsdp_x_tp': dict(data_parallelism=1, fsdp_parallelism=4, tensor_parallelism=2)}
-GREEDY = decoding.DecodeConfig(max_decode_length=6, eos_id=5)
-BEAM = decoding.DecodeConfig(max_decode_length=6, eos_id=5, num_beams=2)
+GREEDY = decode.DecodeConfig(max_decode_length=6, eos_id=5)
+BEAM = decode.DecodeConfig(max_decode_length=6, eos_id=5, num_beams=2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,7 +55,7 @@ def _family(name):
 @functools.lru_cache(maxsize=None)
 def _one_device(name, config):
   model, params, batch = _family(name)
-  result = decoding.predict_batch(model, params, batch, config=config)
+  result = decode.predict_batch(model, params, batch, config=config)
   return np.asarray(result.tokens_BxL), np.asarray(result.scores_B)
 
 
@@ -73,7 +75,7 @@ def test_sharded_decoding_equals_one_device(name, mesh, config):
   if mesh == 'fsdp':   # really split: the embedding's 'embed' axis is over 8 devices
     assert len(placed['token_embedder']['embedding'].sharding.device_set) == 8
     assert placed['token_embedder']['embedding'].addressable_shards[0].data.shape[1] == 4
-  result = decoding.predict_batch(model, placed, batch, config=config, partitioner=partitioner)
+  result = decode.predict_batch(model, placed, batch, config=config, partitioner=partitioner)
   tokens, scores = _one_device(name, config)
   np.testing.assert_array_equal(np.asarray(result.tokens_BxL), tokens)
   np.testing.assert_allclose(np.asarray(result.scores_B), scores, rtol=1e-5, atol=1e-5)
@@ -115,14 +117,14 @@ def _moved_inside_loops(hlo):
 def test_beam_search_loop_moves_no_cache_between_devices(name, mesh):
   """Compiled only (not run), with 29 tokens so the cache dwarfs per-step vectors."""
   model, _, batch = _family(name)
-  config = decoding.DecodeConfig(max_decode_length=29, eos_id=5, num_beams=2)
+  config = decode.DecodeConfig(max_decode_length=29, eos_id=5, num_beams=2)
   partitioner = partitioning.Partitioner(**MESHES[mesh])
   params = inference.abstract_params(model, partitioner)
   with partitioner.context():
     placed = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                       sharding=partitioner.batch_sharding(v.ndim))
               for k, v in batch.items()}
-    hlo = decoding._jitted_decode(model, config).lower(
+    hlo = decode._jitted_decode(model, config).lower(
         params, placed, rng=jax.random.key(0)).compile().as_text()
   _, state = jax.eval_shape(functools.partial(
       model.decode_prefill, max_decode_length=config.max_decode_length), params, batch)

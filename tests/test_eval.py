@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from t5x_like import evaluation, partitioning, trainer, optimizers
+from t5x_like.evaluation import teacher_forced
+from t5x_like.parallel import partitioning
+from t5x_like.training import trainer
+from t5x_like.training import optimizers
 from t5x_like.data import synthetic
 from t5x_like.models import decoder, t5
 
@@ -62,7 +65,7 @@ def enc_dec_batch(rng, *, rows, enc_len, dec_len, packed):
 
 
 def numpy_metrics(logits_list, batches):
-    """The metrics from logits, in float64 numpy: what evaluation.py must report."""
+    """The metrics from logits, in float64 numpy: what evaluation/teacher_forced.py must report."""
     loss = ce_sum = hits = tokens = 0.0
     for logits, batch in zip(logits_list, batches):
         logits = np.asarray(logits, np.float64)
@@ -88,7 +91,7 @@ def check_against_numpy(model, batches, init_lengths):
         feature_lengths=lengths)
     params = jax.jit(lambda r: nn.unbox(model.init_params(r, batch_size=1, **init_lengths)),
                      out_shardings=layout.shardings.params)(jax.random.key(1))
-    evaluator = evaluation.TeacherForcedEvaluator(
+    evaluator = teacher_forced.TeacherForcedEvaluator(
         model=model, sources={"task": FixedBatches(batches)}, partitioner=partitioner,
         param_shardings=layout.shardings.params, batch_feature_names=tuple(lengths),
         batch_size=8, num_batches=len(batches), logdir=None)
@@ -132,17 +135,17 @@ def test_decoder_only_packed_eval_metrics_equal_numpy():
 
 
 def test_summarize_divides_sums_once_and_guards_overflow():
-    metrics = evaluation.summarize({"loss_sum": 30.0, "z_loss_sum": 2.0, "accuracy_sum": 5.0,
+    metrics = teacher_forced.summarize({"loss_sum": 30.0, "z_loss_sum": 2.0, "accuracy_sum": 5.0,
                                     "weight_sum": 10.0})
     assert metrics == pytest.approx({"loss": 3.0, "cross_entropy": 2.8,
                                      "perplexity": np.exp(2.8), "accuracy": 0.5,
                                      "target_tokens": 10.0}, rel=1e-15)
-    assert np.isfinite(evaluation.summarize(
+    assert np.isfinite(teacher_forced.summarize(
         {"loss_sum": 1e6, "z_loss_sum": 0.0, "accuracy_sum": 0.0, "weight_sum": 1.0})["perplexity"])
 
 
 def test_per_token_model_keeps_the_model_otherwise():
     model = t5.EncoderDecoderModel(config=T5_CONFIG, label_smoothing=0.2, z_loss=3e-4,
                                    loss_normalization="total_tokens")
-    assert evaluation.per_token_model(model) == dataclasses.replace(
+    assert teacher_forced.per_token_model(model) == dataclasses.replace(
         model, label_smoothing=0.0, loss_normalization="tokens")

@@ -10,7 +10,8 @@ import pytest
 
 from launch import eval as eval_launcher
 from launch_helpers import REPO, launcher_command, run_launcher, train_env
-from t5x_like import checkpoint_eval, gin_config
+from t5x_like.evaluation import checkpoint_eval
+from t5x_like.config import gin_config
 from test_eval_in_loop import eval_scalars
 
 TASK = "pydocs_span_corruption"

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from launch_helpers import (EVAL_ON, checkpoint_steps, logged_losses, run_train,
                             start_train, wait_for_checkpoint)
-from t5x_like import checkpoints
+from t5x_like.checkpointing import checkpoints
 
 TASK = "pydocs_span_corruption"
 
@@ -48,7 +48,7 @@ def test_eval_on_changes_no_training_loss_and_writes_eval_metrics(eval_run, stra
 def test_sigkill_and_resume_with_eval_on_is_bit_exact(tmp_path, eval_run, straight_run):
     model_dir = str(tmp_path)
     proc = start_train(model_dir, "--gin.TRAIN_STEPS=6",
-                       "--gin.train_lib.train.async_checkpointing=False", *EVAL_ON)
+                       "--gin.train_loop.train.async_checkpointing=False", *EVAL_ON)
     wait_for_checkpoint(model_dir, 3, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)

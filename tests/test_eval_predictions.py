@@ -1,9 +1,9 @@
 """A task's metric_fns on decoded predictions: the scores equal a recomputation by hand.
 
-The predictor is the real one (predictions.Decoded: greedy `decoding.predict_batch`)
+The predictor is the real one (predictions.Decoded: greedy `decode.predict_batch`)
 of a real T5 that is nudged, on examples whose first input token is even, to copy its
 input (so ROUGE-L is not 0 and decoding visibly follows the model). The expected
-predictions come from `decoding.predict_batch` on batches built here in numpy from
+predictions come from `decode.predict_batch` on batches built here in numpy from
 the raw examples, on one device, and are decoded and scored independently.
 """
 
@@ -17,7 +17,11 @@ from flax import linen as nn
 
 import data.tasks  # noqa: F401 - registers pydocs_section_titles
 import seqio
-from t5x_like import decoding, optimizers, partitioning, predictions, trainer
+from t5x_like.decoding import decode
+from t5x_like.training import optimizers
+from t5x_like.parallel import partitioning
+from t5x_like.evaluation import predictions
+from t5x_like.training import trainer
 from t5x_like.data import pipeline, text_metrics
 from t5x_like.models import decoder, t5
 
@@ -52,12 +56,12 @@ class PartlyCopyingModel(t5.EncoderDecoderModel):
 
 def expected_predictions(model, params, examples, vocabulary):
     """Greedy predict_batch on batches of 8 built from the raw examples, decoded."""
-    texts, config = [], decoding.DecodeConfig(max_decode_length=LENGTHS["targets"])
+    texts, config = [], decode.DecodeConfig(max_decode_length=LENGTHS["targets"])
     for start in range(0, len(examples), 8):
         inputs = np.zeros((8, LENGTHS["inputs"]), np.int32)
         for row, ex in enumerate(examples[start:start + 8]):
             inputs[row, :len(ex["inputs"])] = ex["inputs"]
-        result = decoding.predict_batch(model, params, {"encoder_input_tokens": inputs},
+        result = decode.predict_batch(model, params, {"encoder_input_tokens": inputs},
                                         config=config)
         for row in range(len(examples[start:start + 8])):
             ids = [int(i) for i in np.asarray(result.tokens_BxL)[row]]
@@ -134,11 +138,11 @@ def test_a_prefix_lm_is_scored_on_its_decoded_continuation_of_the_prompt():
     prompts = np.zeros((8, 1 + LENGTHS["inputs"]), np.int32)    # [0] ++ inputs, then 0s
     for row, ex in enumerate(raw):
         prompts[row, 1:1 + len(ex["inputs"])] = ex["inputs"]
-    result = decoding.predict_batch(
+    result = decode.predict_batch(
         model, params, {"decoder_input_tokens": prompts,
                         "decoder_causal_attention": (np.arange(prompts.shape[1])
                                                      <= (prompts > 0).sum(1)[:, None])},
-        config=decoding.DecodeConfig(max_decode_length=LENGTHS["targets"]))
+        config=decode.DecodeConfig(max_decode_length=LENGTHS["targets"]))
     vocabulary = task.output_features["targets"].vocabulary
     want = [vocabulary.decode(predictions.strip_after_eos(row))
             for row in np.asarray(result.tokens_BxL)]

@@ -10,8 +10,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from t5x_like import checkpoints, optimizers, partitioning, run_config  # noqa: E402
-from t5x_like import train as train_lib  # noqa: E402
+from t5x_like.checkpointing import checkpoints  # noqa: E402
+from t5x_like.checkpointing import init_from as init_from_lib
+from t5x_like.training import optimizers
+from t5x_like.parallel import partitioning
+from t5x_like.training import run_config
+from t5x_like.training import train_loop  # noqa: E402
 from t5x_like.data import synthetic  # noqa: E402
 from t5x_like.hf import t5 as hf_t5  # noqa: E402
 from t5x_like.models import t5  # noqa: E402
@@ -42,7 +46,7 @@ def hf_dir(tmp_path_factory):
 
 def start(model_dir, init_from, config=OURS):
     """train() for 0 steps: the state a fine-tuning run starts from, on an FSDP mesh."""
-    return train_lib.train(
+    return train_loop.train(
         run=run_config.RunConfig(
             model=t5.EncoderDecoderModel(config=config),
             train_data=synthetic.SyntheticEncDecSource(encoder_length=10, decoder_length=6,
@@ -57,7 +61,7 @@ def start(model_dir, init_from, config=OURS):
 def test_init_from_a_hugging_face_dir_gives_the_hf_models_parameters_and_logits(
         tmp_path, hf_dir):
     path, hf_model = hf_dir
-    params = start(str(tmp_path), checkpoints.InitFrom(directory=path)).params
+    params = start(str(tmp_path), init_from_lib.InitFrom(directory=path)).params
     _, imported = hf_t5.import_checkpoint(path)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
                  jax.device_get(imported))
@@ -83,7 +87,7 @@ def test_a_model_config_that_does_not_match_the_hf_checkpoint_is_named(tmp_path,
     other = t5.T5Config(**{**OURS.__dict__, "mlp_dim": 64})
     with pytest.raises(checkpoints.CheckpointMismatchError,
                        match=r"shapes differ.*mlp/wi_0/kernel \(32, 48\)->\(32, 64\)"):
-        start(str(tmp_path / "a"), checkpoints.InitFrom(directory=path), config=other)
+        start(str(tmp_path / "a"), init_from_lib.InitFrom(directory=path), config=other)
     deeper = t5.T5Config(**{**OURS.__dict__, "num_decoder_layers": 2})
     with pytest.raises(checkpoints.CheckpointMismatchError, match="decoder/layers_1"):
-        start(str(tmp_path / "b"), checkpoints.InitFrom(directory=path), config=deeper)
+        start(str(tmp_path / "b"), init_from_lib.InitFrom(directory=path), config=deeper)

@@ -13,7 +13,9 @@ import data.tasks  # noqa: F401 - registers pydocs_section_titles
 
 from launch_helpers import run_launcher
 from test_eval_predictions import LENGTHS, expected_predictions
-from t5x_like import checkpoints, gin_config, run_config
+from t5x_like.checkpointing import checkpoints
+from t5x_like.config import gin_config
+from t5x_like.training import run_config
 from t5x_like.data import text_metrics
 
 GIN = "tests/configs/tiny_finetune_run.gin"

@@ -3,7 +3,7 @@
 import pytest
 
 from launch import train as launch_train
-from t5x_like import gin_config
+from t5x_like.config import gin_config
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +23,7 @@ def test_base_config_parses():
 
 def test_unknown_parameter_is_named():
     with pytest.raises(gin_config.GinConfigError, match="bogus_steps"):
-        parse("train_lib.train.bogus_steps = 3")
+        parse("train_loop.train.bogus_steps = 3")
 
 
 def test_unknown_configurable_is_named():
@@ -49,5 +49,5 @@ def test_cli_shorthand_and_exit_message(capsys):
         ["--gin_file=a.gin", "--gin.TRAIN_STEPS=7", "--gin_bindings=BATCH_SIZE=4"])
     assert args.gin_file == ["a.gin"] and bindings == ["BATCH_SIZE=4", "TRAIN_STEPS=7"]
     with pytest.raises(SystemExit) as exit_info:
-        launch_train.main(["--gin_file=configs/base.gin", "--gin.train_lib.train.nope=1"])
+        launch_train.main(["--gin_file=configs/base.gin", "--gin.train_loop.train.nope=1"])
     assert "nope" in str(exit_info.value) and str(exit_info.value).startswith("error:")

@@ -17,7 +17,8 @@ import pytest
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-from t5x_like import partitioning, trainer  # noqa: E402
+from t5x_like.parallel import partitioning  # noqa: E402
+from t5x_like.training import trainer
 from t5x_like.hf import llama as hf_llama  # noqa: E402
 from t5x_like.models import decoder  # noqa: E402
 
@@ -141,7 +142,7 @@ def test_import_places_tensors_into_target_shardings(tmp_root):
   part = partitioning.Partitioner(data_parallelism=1, fsdp_parallelism=4,
                                   tensor_parallelism=2)
   model = decoder.DecoderOnlyModel(config=cfg)
-  from t5x_like import optimizers
+  from t5x_like.training import optimizers
   layout = trainer.state_layout(model=model, optimizer=optimizers.adamw(learning_rate=optax.constant_schedule(1e-3)),
                                 partitioner=part,
                                 feature_lengths={'decoder_target_tokens': LENGTH})

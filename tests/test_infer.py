@@ -15,7 +15,10 @@ import pytest
 
 from launch_helpers import REPO, train_env
 
-from t5x_like import checkpoints, decoding, gin_config, run_config
+from t5x_like.checkpointing import checkpoints
+from t5x_like.decoding import decode
+from t5x_like.config import gin_config
+from t5x_like.training import run_config
 
 STEPS = 6
 
@@ -72,8 +75,8 @@ def test_infer_on_a_trained_run_matches_decoding_in_process(tmp_path, straight_r
   tokens = np.zeros((3, 32), np.int32)
   for row, ids in zip(tokens, encoded):
     row[:len(ids)] = ids
-  result = decoding.predict_batch(run.model, params, {"encoder_input_tokens": tokens},
-                                  config=decoding.DecodeConfig(max_decode_length=STEPS))
+  result = decode.predict_batch(run.model, params, {"encoder_input_tokens": tokens},
+                                  config=decode.DecodeConfig(max_decode_length=STEPS))
   for record, ids, row, length, score in zip(records, encoded, np.asarray(result.tokens_BxL),
                                              result.lengths_B, result.scores_B):
     assert record["input_ids"] == ids

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from t5x_like import integrity
+from t5x_like.checkpointing import integrity
 
 
 def test_fingerprint_is_independent_of_sharding_and_placement():

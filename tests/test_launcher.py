@@ -61,7 +61,7 @@ BAD_INPUT = {
                             ["train.train.train_steps is 'ten' (a str); it must be an int"]),
     "wrong-typed run field": (TINY, ["--gin.BATCH_SIZE='4'"],
                               ["run_config.RunConfig.batch_size is '4'", "write 4, not '4'"]),
-    "quoted number": (TINY, ["--gin.train_lib.train.checkpoint_every_steps='5'"],
+    "quoted number": (TINY, ["--gin.train_loop.train.checkpoint_every_steps='5'"],
                       ["checkpoint_every_steps is '5'", "write 5, not '5'"]),
     "empty corpus": (TEXT, ["--gin.TEXT_FILES='{tmp}/blank.txt'"],
                      ["task 'tiny_text' split 'train'", "yields no examples"]),
@@ -154,7 +154,8 @@ def test_the_process_exits_1_printing_only_the_line(tmp_path):
 
 NON_DAEMON_THREAD_AND_AN_ERROR = r'''
 import threading, time
-from t5x_like import errors, launcher
+from t5x_like import errors
+from t5x_like.launch import launcher
 
 def main():
     # What Orbax leaves behind after a failed write: a non-daemon thread that waits.

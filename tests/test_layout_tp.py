@@ -1,5 +1,5 @@
 """Under tensor parallelism a GQA decoder's 2 kv heads cannot split over 4 or 8
-devices: training's fitted layout (trainer.params_layout) replicates them, and
+devices: training's fitted layout (params_layout.for_model) replicates them, and
 inference, decoding and eval place parameters through that same layout. Results
 equal one device's.
 
@@ -14,7 +14,12 @@ import jax
 import numpy as np
 import pytest
 
-from t5x_like import decoding, evaluation, inference, optimizers, partitioning, trainer
+from t5x_like.decoding import decode
+from t5x_like.evaluation import teacher_forced
+from t5x_like.decoding import inference
+from t5x_like.training import optimizers
+from t5x_like.parallel import partitioning
+from t5x_like.training import trainer
 from t5x_like.data import synthetic
 from t5x_like.models import decoder
 
@@ -63,13 +68,13 @@ PROMPT_LENGTHS = BATCH_RNG.integers(1, 6, 8).astype(np.int32)
 PROMPTS = {'decoder_input_tokens': BATCH_RNG.integers(3, 64, (8, 6)).astype(np.int32)
            * (np.arange(6) < PROMPT_LENGTHS[:, None]),
            'decoder_prompt_lengths': PROMPT_LENGTHS}
-CONFIGS = {'greedy': decoding.DecodeConfig(max_decode_length=6, eos_id=5),
-           'beam': decoding.DecodeConfig(max_decode_length=6, eos_id=5, num_beams=2)}
+CONFIGS = {'greedy': decode.DecodeConfig(max_decode_length=6, eos_id=5),
+           'beam': decode.DecodeConfig(max_decode_length=6, eos_id=5, num_beams=2)}
 
 
 @functools.lru_cache(maxsize=None)
 def _one_device_decode(config):
-    result = decoding.predict_batch(MODEL, _params(), PROMPTS, config=CONFIGS[config])
+    result = decode.predict_batch(MODEL, _params(), PROMPTS, config=CONFIGS[config])
     return np.asarray(result.tokens_BxL), np.asarray(result.scores_B)
 
 
@@ -79,7 +84,7 @@ def test_gqa_decoding_under_tp_equals_one_device(mesh, config):
     partitioner, placed = _placed(mesh)
     kv = _kv_kernel(placed)
     assert kv.addressable_shards[0].data.shape == kv.shape or mesh == 'fsdp2_tp4'
-    result = decoding.predict_batch(MODEL, placed, PROMPTS, config=CONFIGS[config],
+    result = decode.predict_batch(MODEL, placed, PROMPTS, config=CONFIGS[config],
                                     partitioner=partitioner)
     tokens, scores = _one_device_decode(config)
     np.testing.assert_array_equal(np.asarray(result.tokens_BxL), tokens)
@@ -98,7 +103,7 @@ class _Fixed:
 
 
 def _evaluate(partitioner, params, shardings, batches):
-    return evaluation.TeacherForcedEvaluator(
+    return teacher_forced.TeacherForcedEvaluator(
         model=MODEL, sources={'task': _Fixed(batches)}, partitioner=partitioner,
         param_shardings=shardings, batch_feature_names=tuple(batches[0]), batch_size=8,
         num_batches=len(batches), logdir=None).evaluate(1, params)['task']

@@ -8,8 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from t5x_like import metrics, optimizers, partitioning, run_config
-from t5x_like import train as train_lib
+from t5x_like.reporting import metrics
+from t5x_like.training import optimizers
+from t5x_like.parallel import partitioning
+from t5x_like.training import run_config
+from t5x_like.training import train_loop
 from t5x_like.data import synthetic
 from t5x_like.models import t5
 
@@ -60,7 +63,7 @@ class PaddedSource(synthetic.SyntheticEncDecSource):
 def _train(model_dir, steps, log_every_steps):
     config = t5.T5Config(vocab_size=128, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
                          num_encoder_layers=1, num_decoder_layers=1)
-    return train_lib.train(
+    return train_loop.train(
         run=run_config.RunConfig(
             model=t5.EncoderDecoderModel(config=config),
             train_data=PaddedSource(encoder_length=16, decoder_length=8, vocab_size=128),

@@ -5,7 +5,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from t5x_like import device_peaks, metrics
+from t5x_like.reporting import device_peaks
+from t5x_like.reporting import metrics
 from t5x_like.data import synthetic
 from t5x_like.models import decoder, t5
 

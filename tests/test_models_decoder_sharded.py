@@ -6,7 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from t5x_like import optimizers, partitioning, trainer
+from t5x_like.training import optimizers
+from t5x_like.parallel import partitioning
+from t5x_like.training import trainer
 from t5x_like.models import decoder
 
 LENGTH = 16
@@ -47,7 +49,7 @@ def one_step(partitioner, config=CONFIG):
   step = trainer.jit_train_step(trainer.make_train_step(model=model, optimizer=opt),
                                 partitioner=partitioner, layout=layout,
                                 batch_feature_names=tuple(batch))
-  state, metrics = step(state, partitioning.host_local_to_global(batch, partitioner))
+  state, metrics = step(state, partitioning.global_batch(batch, partitioner))
   return layout, state, jax.device_get(metrics)
 
 

@@ -8,7 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from t5x_like import optimizers, partitioning, trainer
+from t5x_like.training import optimizers
+from t5x_like.parallel import partitioning
+from t5x_like.training import trainer
 from t5x_like.data import synthetic
 from t5x_like.models import layers, t5
 

@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from t5x_like import optimizers
+from t5x_like.training import optimizers
 
 
 def test_rsqrt_schedule_matches_t5_numbers():
@@ -99,7 +99,8 @@ def _second_moment_shapes_per_parameter(optimizer, layout):
 def test_adafactor_second_moments_of_t5_1_1_base_follow_t5x_rule(scan_layers):
     """Abstract init only (no FLOPs): every T5.1.1-base parameter's statistics have
     the shapes T5X's factored Adafactor gives them; attention kernels are factored."""
-    from t5x_like import partitioning, trainer
+    from t5x_like.parallel import partitioning
+    from t5x_like.training import trainer
     from t5x_like.models import t5
     config = t5.T5Config(vocab_size=32128, emb_dim=768, num_heads=12, head_dim=64,
                          mlp_dim=2048, num_encoder_layers=12, num_decoder_layers=12,

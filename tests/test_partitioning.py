@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from t5x_like import partitioning
+from t5x_like.parallel import partitioning
 
 
 def test_mesh_fills_the_minus_one_axis():
@@ -62,7 +62,7 @@ def test_an_fsdp_mesh_really_splits_parameters():
 def test_host_local_batch_becomes_sharded_global_array():
     part = partitioning.Partitioner(data_parallelism=4, fsdp_parallelism=2)
     local = {"tokens": np.arange(8 * 3, dtype=np.int32).reshape(8, 3)}
-    global_batch = partitioning.host_local_to_global(local, part)["tokens"]
+    global_batch = partitioning.global_batch(local, part)["tokens"]
     assert global_batch.shape == (8, 3)
     assert global_batch.sharding.spec == P(("data", "fsdp"), None)
     assert len(global_batch.addressable_shards) == 8

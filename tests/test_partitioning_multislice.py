@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from t5x_like import partitioning
+from t5x_like.parallel import partitioning
 
 
 def test_cpu_devices_split_into_consecutive_slices():
@@ -27,7 +27,8 @@ def test_per_slice_axes_and_minus_one_fill():
 
 
 def test_one_step_is_the_same_on_two_slices_as_on_one():
-    from t5x_like import optimizers, trainer
+    from t5x_like.training import optimizers
+    from t5x_like.training import trainer
     from t5x_like.models import t5
     model = t5.EncoderDecoderModel(config=t5.T5Config(
         vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
@@ -47,7 +48,7 @@ def test_one_step_is_the_same_on_two_slices_as_on_one():
         step = trainer.jit_train_step(
             trainer.make_train_step(model=model, optimizer=optimizer), partitioner=part,
             layout=layout, batch_feature_names=tuple(lengths))
-        _, metrics = step(state, partitioning.host_local_to_global(batch, part))
+        _, metrics = step(state, partitioning.global_batch(batch, part))
         return float(metrics["loss"]), float(metrics["grad_norm"])
 
     single = one_step(partitioning.Partitioner(data_parallelism=2,
@@ -59,7 +60,7 @@ def test_one_step_is_the_same_on_two_slices_as_on_one():
 
 def test_tpu_slices_are_told_apart_by_slice_index():
     pytest.importorskip("libtpu")
-    from t5x_like import topologies
+    from t5x_like.parallel import topologies
     tpu = topologies.parse("v5e:2x2", num_slices=2)
     part = partitioning.Partitioner(data_parallelism=1, fsdp_parallelism=-1,
                                     devices=topologies.compile_only_devices(tpu),

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from launch_helpers import REPO, checkpoint_steps, run_train, train_command, train_env
-from t5x_like import checkpoints, errors, restore_causes
+from t5x_like import errors
+from t5x_like.checkpointing import checkpoints
+from t5x_like.checkpointing import restore_causes
 from test_multiprocess import free_port
 
 STATE = {"w": jnp.arange(300_000, dtype=jnp.float32), "b": jnp.ones((8,))}   # 1.2 MB

@@ -3,7 +3,9 @@
 import pytest
 
 from launch_helpers import run_train
-from t5x_like import optimizers, partitioning, run_config
+from t5x_like.training import optimizers
+from t5x_like.parallel import partitioning
+from t5x_like.training import run_config
 from t5x_like.data import synthetic
 from t5x_like.models import t5
 

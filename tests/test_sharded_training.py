@@ -4,7 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from t5x_like import optimizers, partitioning, trainer
+from t5x_like.training import optimizers
+from t5x_like.parallel import partitioning
+from t5x_like.training import trainer
 from t5x_like.models import t5
 
 FEATURE_LENGTHS = {"encoder_input_tokens": 16, "decoder_target_tokens": 8}
@@ -48,7 +50,7 @@ def one_step(partitioner, optimizer, num_microbatches=1, return_initial_params=F
         trainer.make_train_step(model=model, optimizer=optimizer,
                                 num_microbatches=num_microbatches),
         partitioner=partitioner, layout=layout, batch_feature_names=tuple(batch))
-    state, metrics = step(state, partitioning.host_local_to_global(batch, partitioner))
+    state, metrics = step(state, partitioning.global_batch(batch, partitioner))
     if return_initial_params:
         return state, jax.device_get(metrics), initial_params
     return state, jax.device_get(metrics)

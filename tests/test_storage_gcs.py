@@ -70,7 +70,8 @@ def download(url_dir, local_dir):
 
 
 def committed(url_dir):
-    from t5x_like import checkpoints, storage
+    from t5x_like import storage
+    from t5x_like.checkpointing import checkpoints
     directory = storage.join(url_dir, "checkpoints")
     return checkpoints.committed_steps(directory) if storage.is_dir(directory) else []
 
@@ -83,7 +84,7 @@ def gs_run(emulator, straight_run):
     model_dir = f"gs://{BUCKET}/run"
     before = repo_entries()
     proc = subprocess.Popen(train_command(model_dir, "--gin.TRAIN_STEPS=6",
-                                          "--gin.train_lib.train.async_checkpointing=False"),
+                                          "--gin.train_loop.train.async_checkpointing=False"),
                             cwd=REPO, env=env_with(emulator), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
@@ -104,13 +105,14 @@ def gs_run(emulator, straight_run):
 
 def test_a_bucket_model_dir_resumes_bit_exactly_and_nothing_is_written_locally(
         gs_run, straight_run, tmp_path):
-    from t5x_like import checkpoints, storage
+    from t5x_like import storage
+    from t5x_like.checkpointing import checkpoints
     model_dir, _, before = gs_run
     assert repo_entries() == before, repo_entries() ^ before     # no '<cwd>/gs:/'
     assert not os.path.exists(os.path.join(REPO, "gs:"))
     assert storage.list_dir(model_dir) == ["checkpoints", "logs", "operative_config.gin",
                                            "parameters.txt", "train"]
-    assert "train_lib.train.model_dir" in storage.read_text(f"{model_dir}/operative_config.gin")
+    assert "train_loop.train.model_dir" in storage.read_text(f"{model_dir}/operative_config.gin")
     assert "token_embedder" in storage.read_text(f"{model_dir}/parameters.txt")
     log = storage.read_text(f"{model_dir}/logs/train.log")      # both runs, appended
     assert log.count("Initialised a new model") == 1 and "Resumed from checkpoint" in log
@@ -188,7 +190,8 @@ def test_log_and_event_files_in_a_bucket_grow_across_writers(emulator, tmp_path,
     TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from t5x_like import metrics, storage
+    from t5x_like import storage
+    from t5x_like.reporting import metrics
     log_url = f"gs://{BUCKET}/files/logs/train.log"
     for text in ("first run\n", "second run\n"):
         f = storage.AppendableFile(log_url, min_flush_interval_s=3600)
@@ -291,7 +294,9 @@ def test_a_corrupt_checkpoint_in_the_bucket_is_set_aside_there(emulator, tmp_pat
     checkpoints.corrupt/ in the bucket, deletes them, and the previous step restores."""
     from test_checkpoint_recovery import layout_for, make_state
 
-    from t5x_like import checkpoints, partitioning, storage
+    from t5x_like import storage
+    from t5x_like.checkpointing import checkpoints
+    from t5x_like.parallel import partitioning
     partitioner = partitioning.Partitioner(devices=jax.devices()[:1])
     state, layout = make_state(partitioner, seed=1)
     directory = f"gs://{BUCKET}/quarantine/checkpoints"

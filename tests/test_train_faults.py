@@ -16,9 +16,12 @@ import pytest
 from launch_helpers import (REPO, checkpoint_steps, logged_losses,
                             overwrite_bytes_in_largest_array_file, run_train, start_train,
                             train_command, train_env, wait_for_checkpoint)
-from t5x_like import checkpoints, optimizers, partitioning, run_config
+from t5x_like.checkpointing import checkpoints
+from t5x_like.training import optimizers
+from t5x_like.parallel import partitioning
+from t5x_like.training import run_config
 from t5x_like.data import synthetic
-from t5x_like import train as train_lib
+from t5x_like.training import train_loop
 from t5x_like.models import t5
 
 CONFIG = t5.T5Config(vocab_size=128, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
@@ -53,7 +56,7 @@ class PoisonedModel(t5.EncoderDecoderModel):
 
 def run(model_dir, policy, *, poison_at_batch=4, learning_rate=None, **train_kwargs):
     """The tiny T5 on synthetic data; batch `poison_at_batch` (step +1) has a NaN loss."""
-    return train_lib.train(
+    return train_loop.train(
         run=run_config.RunConfig(
             model=PoisonedModel(config=CONFIG),
             train_data=PoisonedSource(encoder_length=16, decoder_length=8, vocab_size=128,
@@ -82,7 +85,7 @@ def saved_params(model_dir, step):
 
 
 def test_nan_halts_naming_the_step_and_the_last_good_checkpoint(tmp_path):
-    with pytest.raises(train_lib.NonFiniteError,
+    with pytest.raises(train_loop.NonFiniteError,
                        match=r"The loss became NaN/Inf at step 5 \(the update was not "
                              r"applied\); the last good checkpoint is step 4") as error:
         run(str(tmp_path), "halt")
@@ -101,7 +104,7 @@ def test_nan_skip_update_leaves_the_state_untouched_and_goes_on(tmp_path):
 
 
 def test_a_nonfinite_update_is_named_and_a_fresh_run_is_not_told_to_resume(tmp_path):
-    with pytest.raises(train_lib.NonFiniteError) as error:
+    with pytest.raises(train_loop.NonFiniteError) as error:
         run(str(tmp_path), "halt", poison_at_batch=-1,
             learning_rate=overflowing_learning_rate, checkpoint_every_steps=5)
     assert error.value.what.startswith("The update became NaN/Inf at step 1 ")
@@ -115,7 +118,7 @@ def test_skip_update_stops_after_n_in_a_row_keeping_the_checkpoint_before_them(
     run(model_dir, "halt", poison_at_batch=-1, train_steps=3, keep_checkpoints=2)
     assert checkpoint_steps(model_dir) == [2, 3]
     # Every update from step 4 on overflows; each step still saves a checkpoint.
-    with pytest.raises(train_lib.NonFiniteError,
+    with pytest.raises(train_loop.NonFiniteError,
                        match=r"4 steps in a row \(4-7\) had a NaN/Inf update and were "
                              r"skipped; step 3, saved before the first of them, is kept"):
         run(model_dir, "skip_update", poison_at_batch=-1, train_steps=20,
@@ -130,7 +133,7 @@ def test_skip_update_stops_after_n_in_a_row_keeping_the_checkpoint_before_them(
 def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path):
     model_dir = str(tmp_path)
     proc = start_train(model_dir, "--gin.TRAIN_STEPS=100000",
-                       "--gin.train_lib.train.checkpoint_every_steps=2")
+                       "--gin.train_loop.train.checkpoint_every_steps=2")
     wait_for_checkpoint(model_dir, 2, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -145,7 +148,7 @@ def test_sigkill_then_restart_is_bit_exact(tmp_path, straight_run):
     restart, finish: losses and final parameters are bitwise equal."""
     model_dir = str(tmp_path)
     proc = start_train(model_dir, "--gin.TRAIN_STEPS=6",
-                       "--gin.train_lib.train.async_checkpointing=False")
+                       "--gin.train_loop.train.async_checkpointing=False")
     wait_for_checkpoint(model_dir, 2, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
@@ -193,7 +196,7 @@ def test_disk_full_mid_run_is_one_line_naming_the_step_that_failed(finished_run)
     background, and the error names step 10 (not the next save's step), last."""
     proc = subprocess.run(
         train_command(finished_run, "--gin.TRAIN_STEPS=16",
-                      "--gin.train_lib.train.checkpoint_every_steps=5"),
+                      "--gin.train_loop.train.checkpoint_every_steps=5"),
         cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300,
         preexec_fn=_disk_full)
     assert proc.returncode == 1, proc.stderr[-3000:]

@@ -6,8 +6,10 @@ import os
 import shutil
 
 import jax
-from t5x_like import optimizers, partitioning, run_config
-from t5x_like import train as train_lib
+from t5x_like.training import optimizers
+from t5x_like.parallel import partitioning
+from t5x_like.training import run_config
+from t5x_like.training import train_loop
 from t5x_like.data import synthetic
 from t5x_like.models import t5
 
@@ -16,7 +18,7 @@ CONFIG = t5.T5Config(vocab_size=128, emb_dim=32, num_heads=2, head_dim=16, mlp_d
 
 
 def run(model_dir, steps, *, data_seed=0, init_seed=0):
-    return train_lib.train(
+    return train_loop.train(
         run=run_config.RunConfig(
             model=t5.EncoderDecoderModel(config=CONFIG),
             train_data=synthetic.SyntheticEncDecSource(encoder_length=16, decoder_length=8,

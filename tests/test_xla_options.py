@@ -5,7 +5,10 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from t5x_like import optimizers, partitioning, trainer, xla_options
+from t5x_like.training import optimizers
+from t5x_like.parallel import partitioning
+from t5x_like.training import trainer
+from t5x_like.training import xla_options
 from t5x_like.data import synthetic
 from t5x_like.models import t5
 
@@ -37,7 +40,7 @@ def _steps_both_ways(num_steps=3):
         state = trainer.init_train_state(model=model, optimizer=optimizer,
                                          partitioner=partitioner, feature_lengths=lengths,
                                          seed=0, layout=layout)
-        batches = [partitioning.host_local_to_global(
+        batches = [partitioning.global_batch(
             source.batch(step=i, shard_index=0, batch_size=8), partitioner)
             for i in range(num_steps)]
         with partitioner.context():

@@ -3,7 +3,7 @@
 A seqio feature converter turns task features (`inputs`, `targets`) into the model's
 batch features (`encoder_input_tokens`, `decoder_target_tokens`, ...). This module
 describes each converter without TensorFlow, so the AOT fit check
-(`t5x_like.aot`, `launch.compile`) knows the batch shapes on a machine without the
+(`t5x_like.training.aot`, `launch.compile`) knows the batch shapes on a machine without the
 data stack, and training (`pipeline.SeqioDataSource`) builds the real seqio
 converter from the same entry. Adding a converter is one entry in `CONVERTERS`;
 tests check every entry against seqio's real converter.

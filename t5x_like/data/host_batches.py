@@ -15,29 +15,10 @@ owns, so every shard continues exactly where it stopped.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Protocol
-
 import numpy as np
 
 from t5x_like import errors
-
-
-class ShardIterator(Protocol):
-    """One shard's batches ({name: [rows, L]}) and where it is."""
-
-    def __next__(self) -> dict[str, np.ndarray]: ...
-
-    def position(self) -> bytes:
-        """Restores with the source's `iterator(position=...)`; call between batches."""
-        ...
-
-
-class ShardableSource(Protocol):
-    def iterator(self, *, per_host_batch_size: int, shard_index: int, num_shards: int,
-                 start_step: int, position: bytes | None = None) -> ShardIterator:
-        """This shard's batches from `start_step`, continuing from `position` (saved
-        at `start_step`) when given."""
-        ...
+from t5x_like.data.contract import DataSource
 
 
 def owned_shards(*, num_data_shards: int, process_index: int, process_count: int
@@ -46,7 +27,7 @@ def owned_shards(*, num_data_shards: int, process_index: int, process_count: int
         raise errors.ConfigError(
             f"num_data_shards={num_data_shards} is not a multiple of the process count "
             f"({process_count}), so some process would own part of a shard",
-            fix="set train_lib.train.num_data_shards to a multiple of the process count")
+            fix="set train_loop.train.num_data_shards to a multiple of the process count")
     per_process = num_data_shards // process_count
     return range(process_index * per_process, (process_index + 1) * per_process)
 
@@ -54,7 +35,7 @@ def owned_shards(*, num_data_shards: int, process_index: int, process_count: int
 class HostBatches(Iterator[dict[str, np.ndarray]]):
     """Yields this process's [global_batch_size / process_count, ...] slices."""
 
-    def __init__(self, source: ShardableSource, *, global_batch_size: int,
+    def __init__(self, source: DataSource, *, global_batch_size: int,
                  num_data_shards: int, process_index: int, process_count: int,
                  start_step: int, positions: Mapping[int, bytes] | None = None):
         """`positions`: saved shard -> position at `start_step` (None: replay from 0)."""
@@ -62,7 +43,7 @@ class HostBatches(Iterator[dict[str, np.ndarray]]):
             raise errors.ConfigError(
                 f"global batch size {global_batch_size} is not a multiple of "
                 f"num_data_shards={num_data_shards}",
-                fix="change BATCH_SIZE or train_lib.train.num_data_shards")
+                fix="change BATCH_SIZE or train_loop.train.num_data_shards")
         self.shards = owned_shards(num_data_shards=num_data_shards,
                                    process_index=process_index, process_count=process_count)
         positions = positions or {}

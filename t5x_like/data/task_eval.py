@@ -9,7 +9,7 @@ time, decodes the returned token ids with the task's vocabulary, applies the tas
 text), and calls each metric function. Metrics of `(targets, scores)` get each
 example's log-likelihood from the score function instead.
 
-The prediction functions are the core's (t5x_like/predictions.py): `fn(params,
+The prediction functions are the core's (t5x_like/evaluation/predictions.py): `fn(params,
 batch) -> one result per row` on fixed-size batches; the last batch is padded with
 empty rows, whose results are dropped.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import numpy as np
 import seqio

@@ -1,4 +1,4 @@
-"""What inference (launch.infer, t5x_like/inference.py) reads from a seqio task.
+"""What inference (launch.infer, t5x_like/decoding/inference.py) reads from a seqio task.
 
 - `prompt_vocabulary`: the task's vocabulary for the feature a prompt goes into
   ('inputs', or 'targets' for targets-only tasks), and whether the task appends EOS

@@ -261,7 +261,7 @@ class Decoder(nn.Module):
 
 @flax.struct.dataclass
 class DecodeState:
-    """The decoder-only model's state between decoding steps (see decoding.py).
+    """The decoder-only model's state between decoding steps (see decoding/decode.py).
 
     Prompts are left-aligned: row b's prompt fills slots first_slot_B[b] ..
     prompt_width - 1, and every row writes generated token t at slot prompt_width + t.
@@ -343,7 +343,7 @@ class DecoderOnlyModel(trainable.TrainableLM):
             rngs=rngs,
         )
 
-    # ------------------------------------------------------------ decoding (decoding.py)
+    # ------------------------------------------------------------ decoding (decoding/decode.py)
 
     def _decoder_for_decoding(self) -> Decoder:
         # Rematerialisation only matters for gradients; one query per step is

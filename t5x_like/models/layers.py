@@ -13,7 +13,7 @@ Conventions shared by every module here:
   are float32.
 - Every parameter carries logical axis names (``nn.with_logical_partitioning``);
   key activations are pinned with ``nn.with_logical_constraint``. Which mesh axes
-  these names map to is decided by `partitioning.py`, not here.
+  these names map to is decided by `parallel/partitioning.py`, not here.
 - Dense kernels use a truncated normal (cut at +-2 standard deviations) rescaled so
   that the *actual* standard deviation equals the target.
 """

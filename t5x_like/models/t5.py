@@ -314,7 +314,7 @@ class Transformer(nn.Module):
 
 @flax.struct.dataclass
 class DecodeState:
-    """The encoder-decoder's state between decoding steps (see decoding.py)."""
+    """The encoder-decoder's state between decoding steps (see decoding/decode.py)."""
 
     # Per decoder layer: the self-attention cache cached_key/value [B, (layers,) T, H, kv].
     cache: Any
@@ -357,7 +357,7 @@ class EncoderDecoderModel(trainable.TrainableLM):
         variables = self.module.init({'params': rng}, enc, dec, enable_dropout=False)
         return variables['params']
 
-    # ------------------------------------------------------------ decoding (decoding.py)
+    # ------------------------------------------------------------ decoding (decoding/decode.py)
 
     def _module_for_decoding(self) -> Transformer:
         # Rematerialisation only matters for gradients; one query per step is

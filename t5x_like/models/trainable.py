@@ -3,18 +3,48 @@
 `t5.EncoderDecoderModel` and `decoder.DecoderOnlyModel` differ in their inputs
 (which features, which lengths, which module) but not in how a batch's decoder
 targets become a loss, nor in what they tell the trainer about vocabulary and FLOPs:
-that part lives here once (see `trainer.Model` for the whole contract).
+that part lives here once. `Model` is the whole contract the trainer, evaluation
+and decoding rely on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import jax
+import numpy as np
 
 from t5x_like.models import losses
+
+
+class Model(Protocol):
+    """What the trainer needs from a model (see models/t5.py, models/decoder.py).
+
+    The model, not the trainer, knows its batch's feature names: a new model family
+    implements these members and needs no change here or in training/train_loop.py.
+    """
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model embeds and predicts (run_config checks the data's fit)."""
+
+    def init_lengths(self, feature_lengths: Mapping[str, int]) -> dict[str, int]:
+        """The length arguments of `init_params` for batches with these features."""
+
+    def init_params(self, rng: jax.Array, *, batch_size: int, **lengths: int) -> Any:
+        """Boxed (logically partitioned) parameters for dummy inputs of these shapes."""
+
+    def training_flops_per_step(self, *, feature_lengths: Mapping[str, int],
+                                batch_size: int) -> float:
+        """Analytic model FLOPs of one training step (models/flop_count.py): MFU."""
+
+    def count_real_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
+        """Non-padding tokens in a host batch (the throughput the progress line shows)."""
+
+    def loss_and_metrics(self, params: Any, batch: Mapping[str, jax.Array], *,
+                         dropout_rng: jax.Array | None) -> tuple[jax.Array, dict]: ...
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

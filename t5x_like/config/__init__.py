@@ -1,0 +1,1 @@
+"""Configuration: gin parsing with readable errors, and argument type checks."""

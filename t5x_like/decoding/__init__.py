@@ -1,0 +1,1 @@
+"""Decoding: greedy, sampling and beam search, and inference to files."""

@@ -1,0 +1,1 @@
+"""Evaluation: teacher-forced metrics, decoded task metrics, evaluating checkpoints."""

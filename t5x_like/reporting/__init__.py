@@ -1,0 +1,1 @@
+"""Reporting: TensorBoard and the progress line, the parameter table, device peaks."""
