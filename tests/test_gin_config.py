@@ -51,3 +51,37 @@ def test_cli_shorthand_and_exit_message(capsys):
     with pytest.raises(SystemExit) as exit_info:
         launch_train.main(["--gin_file=configs/base.gin", "--gin.train_loop.train.nope=1"])
     assert "nope" in str(exit_info.value) and str(exit_info.value).startswith("error:")
+
+
+@pytest.mark.parametrize("old_import, new_import", [
+    ("from t5x_like import train as train_lib",
+     "from t5x_like.training import train_loop"),
+    ("from t5x_like import partitioning", "from t5x_like.parallel import partitioning"),
+    ("from t5x_like.predictions import Decoded",
+     "from t5x_like.evaluation import predictions"),
+])
+def test_a_module_moved_by_the_regroup_names_its_new_import(tmp_path, old_import,
+                                                            new_import):
+    user_file = tmp_path / "mine.gin"
+    user_file.write_text(f"from __gin__ import dynamic_registration\n{old_import}\n")
+    with pytest.raises(gin_config.GinConfigError) as raised:
+        parse(files=("configs/base.gin", str(user_file)))
+    assert str(raised.value).count("\n") == 0 and new_import in raised.value.fix
+
+
+@pytest.mark.parametrize("old, new", [("train_lib.train", "train_loop.train"),
+                                      ("checkpoints.InitFrom", "init_from.InitFrom"),
+                                      ("decoding.DecodeConfig", "decode.DecodeConfig")])
+def test_an_old_gin_name_names_the_new_one(old, new):
+    with pytest.raises(gin_config.GinConfigError, match=f"old gin name {old}") as raised:
+        parse(f"{old}.some_setting = 3")
+    assert new in raised.value.fix
+
+
+def test_the_launcher_says_when_no_gin_file_configures_the_training_loop(tmp_path):
+    user_file = tmp_path / "lonely.gin"
+    user_file.write_text("from __gin__ import dynamic_registration\n"
+                         "from t5x_like.training import optimizers\n")
+    with pytest.raises(SystemExit) as exited:
+        launch_train.main([f"--gin_file={user_file}"])
+    assert str(exited.value).startswith("error: the gin files configure no train_loop.train")

@@ -22,9 +22,37 @@ _UNRESOLVED_RE = re.compile(r"Couldn't resolve selector (\S+); <module '([^']+)'
 _LOCATION_RE = re.compile(r'In file "([^"]+)", line (\d+)')
 # What gin appends to an exception raised inside a configurable it called.
 _CALL_CONTEXT_RE = re.compile(r"\n  In call to configurable .*")
-# The folder holding the shipped `configs/` (package data; a link in a checkout), so
-# `configs/...` files and includes resolve from any directory in an installed copy.
-SHIPPED_CONFIGS_ROOT = os.path.dirname(os.path.abspath(__file__))
+# The package folder, which holds the shipped `configs/` (package data; a link in a
+# checkout), so `configs/...` files and includes resolve from any directory in an
+# installed copy.
+SHIPPED_CONFIGS_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Modules that moved when the package was regrouped by stage (issue 21): old -> new.
+MOVED_MODULES = {
+    "gin_config": "config.gin_config", "argument_types": "config.argument_types",
+    "run_config": "training.run_config", "train": "training.train_loop",
+    "trainer": "training.trainer", "optimizers": "training.optimizers",
+    "xla_options": "training.xla_options", "preemption": "training.preemption",
+    "peer_watchdog": "training.peer_watchdog", "aot": "training.aot",
+    "partitioning": "parallel.partitioning", "topologies": "parallel.topologies",
+    "checkpoints": "checkpointing.checkpoints", "integrity": "checkpointing.integrity",
+    "restore_causes": "checkpointing.restore_causes", "metrics": "reporting.metrics",
+    "param_table": "reporting.param_table", "device_peaks": "reporting.device_peaks",
+    "decoding": "decoding.decode", "beam_search": "decoding.beam_search",
+    "inference": "decoding.inference", "evaluation": "evaluation.teacher_forced",
+    "predictions": "evaluation.predictions", "checkpoint_eval": "evaluation.checkpoint_eval",
+    "launcher": "launch.launcher", "hf.init_from": "checkpointing.init_from",
+}
+# Gin names of the shipped configs that changed with the move: old -> new.
+RENAMED_CONFIGURABLES = {"train_lib.train": "train_loop.train",
+                         "checkpoints.InitFrom": "init_from.InitFrom",
+                         "decoding.DecodeConfig": "decode.DecodeConfig"}
+_OLD_IMPORT_RE = re.compile(
+    r"^\s*from\s+t5x_like\s+import\s+(?P<names>[\w ,]+)$|"
+    r"^\s*from\s+t5x_like\.(?P<module>[\w.]+)\s+import|^\s*import\s+t5x_like\.(?P<plain>[\w.]+)",
+    re.M)
+_OLD_SELECTOR_RE = re.compile(
+    r"(?<![\w.])(" + "|".join(re.escape(n) for n in RENAMED_CONFIGURABLES) + r")\b")
 
 
 class GinConfigError(errors.ConfigError):
@@ -51,17 +79,48 @@ def parse(*, gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
     for path in dict.fromkeys(paths):
         gin.add_config_file_search_path(path)
     for gin_file in gin_files:
-        if not any(os.path.exists(os.path.join(p, gin_file)) for p in paths):
+        found = [os.path.join(p, gin_file) for p in paths
+                 if os.path.exists(os.path.join(p, gin_file))]
+        if not found:
             raise GinConfigError(
                 f"Gin file {gin_file!r} not found (searched {paths})",
                 fix="pass a path relative to the repository root or add its folder with "
                 "--gin_search_paths")
+        with open(found[0]) as f:
+            check_current_names(f.read(), where=gin_file)
+    for binding in gin_bindings:
+        check_current_names(binding, where=f"--gin.{binding}")
     try:
         gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings),
                                             finalize_config=True)
     except (ValueError, IOError, SyntaxError, ImportError, AttributeError) as e:
         what, fix = _explain(e)
         raise GinConfigError(what, fix=fix) from e
+
+
+def check_current_names(text: str, *, where: str) -> None:
+    """Raises a GinConfigError naming the new name for any pre-regroup module
+    import or gin name in `text` (a gin file or a binding)."""
+    selector = _OLD_SELECTOR_RE.search(text)
+    if selector:
+        old = selector.group(1)
+        raise GinConfigError(f"{where} uses the old gin name {old}",
+                             fix=f"it is {RENAMED_CONFIGURABLES[old]} now")
+    for match in _OLD_IMPORT_RE.finditer(text):
+        olds = ([n.split(" as ")[0].strip() for n in match["names"].split(",")]
+                if match["names"] else [match["module"] or match["plain"]])
+        for old in olds:
+            # Package names of today reuse a few old module names (decoding,
+            # evaluation): only a module that no longer exists has moved.
+            here = os.path.join(SHIPPED_CONFIGS_ROOT, *old.split("."))
+            if old in MOVED_MODULES and not (os.path.isdir(here) or os.path.exists(here + ".py")):
+                new = MOVED_MODULES[old]
+                package, _, module = new.rpartition(".")
+                raise GinConfigError(
+                    f"{where} imports t5x_like.{old}, which moved to t5x_like.{new}",
+                    fix=f"write `from t5x_like.{package} import {module}`"
+                    + ("; its train function is bound as train_loop.train.*"
+                       if old == "train" else ""))
 
 
 def _explain(error: Exception) -> tuple[str, str]:

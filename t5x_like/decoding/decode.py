@@ -2,8 +2,8 @@
 
 One call decodes a batch, jitted and (under a partitioner) sharded like training:
 
-    result = decoding.predict_batch(model, params, batch,
-                                    config=decoding.DecodeConfig(num_beams=4), rng=key)
+    result = decode.predict_batch(model, params, batch,
+                                  config=decode.DecodeConfig(num_beams=4), rng=key)
 
 The contract:
 
@@ -66,7 +66,7 @@ class Decodable(Protocol):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DecodeConfig:
-    """How to decode; gin-configurable (`decoding.DecodeConfig.num_beams = 4`).
+    """How to decode; gin-configurable (`decode.DecodeConfig.num_beams = 4`).
 
     Attributes:
       max_decode_length: tokens generated at most per row (EOS included).

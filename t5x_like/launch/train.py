@@ -30,10 +30,17 @@ def main(argv: list[str] | None = None) -> None:
 
         import gin
         import jax
-        from t5x_like import run_dir, storage
-        from t5x_like.training import run_config
-        from t5x_like.training import train_loop
-        model_dir = gin.get_bindings(train_loop.train).get("model_dir")
+        from t5x_like import errors, run_dir, storage
+        from t5x_like.training import run_config, train_loop
+        try:
+            loop_bindings = gin.get_bindings(train_loop.train)
+        except ValueError:     # not registered: no gin file imports the training loop
+            loop_bindings = {}
+        if not loop_bindings:  # it needs at least model_dir and train_steps
+            raise errors.ConfigError(
+                "the gin files configure no train_loop.train", fix="include "
+                "'configs/runs/pretrain.gin' (or configs/base.gin) in your gin file")
+        model_dir = loop_bindings.get("model_dir")
         if model_dir:
             storage.check_supported(model_dir, what="MODEL_DIR")
             launcher.log_to_file(run_dir.log_file(model_dir, jax.process_index()))
