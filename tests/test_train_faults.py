@@ -21,7 +21,7 @@ from t5x_like.training import optimizers
 from t5x_like.parallel import partitioning
 from t5x_like.training import run_config
 from t5x_like.data import synthetic
-from t5x_like.training import train_loop
+from t5x_like.training import nonfinite, train_loop
 from t5x_like.models import t5
 
 CONFIG = t5.T5Config(vocab_size=128, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
@@ -85,7 +85,7 @@ def saved_params(model_dir, step):
 
 
 def test_nan_halts_naming_the_step_and_the_last_good_checkpoint(tmp_path):
-    with pytest.raises(train_loop.NonFiniteError,
+    with pytest.raises(nonfinite.NonFiniteError,
                        match=r"The loss became NaN/Inf at step 5 \(the update was not "
                              r"applied\); the last good checkpoint is step 4") as error:
         run(str(tmp_path), "halt")
@@ -104,7 +104,7 @@ def test_nan_skip_update_leaves_the_state_untouched_and_goes_on(tmp_path):
 
 
 def test_a_nonfinite_update_is_named_and_a_fresh_run_is_not_told_to_resume(tmp_path):
-    with pytest.raises(train_loop.NonFiniteError) as error:
+    with pytest.raises(nonfinite.NonFiniteError) as error:
         run(str(tmp_path), "halt", poison_at_batch=-1,
             learning_rate=overflowing_learning_rate, checkpoint_every_steps=5)
     assert error.value.what.startswith("The update became NaN/Inf at step 1 ")
@@ -118,7 +118,7 @@ def test_skip_update_stops_after_n_in_a_row_keeping_the_checkpoint_before_them(
     run(model_dir, "halt", poison_at_batch=-1, train_steps=3, keep_checkpoints=2)
     assert checkpoint_steps(model_dir) == [2, 3]
     # Every update from step 4 on overflows; each step still saves a checkpoint.
-    with pytest.raises(train_loop.NonFiniteError,
+    with pytest.raises(nonfinite.NonFiniteError,
                        match=r"4 steps in a row \(4-7\) had a NaN/Inf update and were "
                              r"skipped; step 3, saved before the first of them, is kept"):
         run(model_dir, "skip_update", poison_at_batch=-1, train_steps=20,

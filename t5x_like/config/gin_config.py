@@ -28,21 +28,17 @@ _CALL_CONTEXT_RE = re.compile(r"\n  In call to configurable .*")
 SHIPPED_CONFIGS_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Modules that moved when the package was regrouped by stage (issue 21): old -> new.
-MOVED_MODULES = {
-    "gin_config": "config.gin_config", "argument_types": "config.argument_types",
-    "run_config": "training.run_config", "train": "training.train_loop",
-    "trainer": "training.trainer", "optimizers": "training.optimizers",
-    "xla_options": "training.xla_options", "preemption": "training.preemption",
-    "peer_watchdog": "training.peer_watchdog", "aot": "training.aot",
-    "partitioning": "parallel.partitioning", "topologies": "parallel.topologies",
-    "checkpoints": "checkpointing.checkpoints", "integrity": "checkpointing.integrity",
-    "restore_causes": "checkpointing.restore_causes", "metrics": "reporting.metrics",
-    "param_table": "reporting.param_table", "device_peaks": "reporting.device_peaks",
-    "decoding": "decoding.decode", "beam_search": "decoding.beam_search",
-    "inference": "decoding.inference", "evaluation": "evaluation.teacher_forced",
-    "predictions": "evaluation.predictions", "checkpoint_eval": "evaluation.checkpoint_eval",
-    "launcher": "launch.launcher", "hf.init_from": "checkpointing.init_from",
-}
+MOVED_MODULES = {old: f"{stage}.{old}" for stage, olds in {
+    "config": "gin_config argument_types",
+    "training": "run_config trainer optimizers xla_options preemption peer_watchdog aot",
+    "parallel": "partitioning topologies",
+    "checkpointing": "checkpoints integrity restore_causes",
+    "reporting": "metrics param_table device_peaks",
+    "decoding": "beam_search inference",
+    "evaluation": "predictions checkpoint_eval",
+    "launch": "launcher"}.items() for old in olds.split()} | {
+    "train": "training.train_loop", "decoding": "decoding.decode",
+    "evaluation": "evaluation.teacher_forced", "hf.init_from": "checkpointing.init_from"}
 # Gin names of the shipped configs that changed with the move: old -> new.
 RENAMED_CONFIGURABLES = {"train_lib.train": "train_loop.train",
                          "checkpoints.InitFrom": "init_from.InitFrom",

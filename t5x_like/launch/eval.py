@@ -34,11 +34,7 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> None:
     args, bindings = parse_flags(sys.argv[1:] if argv is None else argv)
-    launcher.configure_output(args.verbosity)
-    with launcher.errors_reported(args.verbosity):
-        launcher.start_jax(args)
-        launcher.parse_gin(args, bindings)
-
+    with launcher.started(args, bindings):
         import gin
         from t5x_like.evaluation import checkpoint_eval
         from t5x_like.checkpointing import checkpoints

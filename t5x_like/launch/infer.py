@@ -44,11 +44,7 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> None:
     args, bindings = parse_flags(sys.argv[1:] if argv is None else argv)
-    launcher.configure_output(args.verbosity)
-    with launcher.errors_reported(args.verbosity):
-        launcher.start_jax(args)
-        args.gin_file = [DECODE_DEFAULTS, *args.gin_file]
-        launcher.parse_gin(args, bindings)
+    with launcher.started(args, bindings, gin_files_first=[DECODE_DEFAULTS]):
         from t5x_like.decoding import inference
         from t5x_like.training import run_config
         try:

@@ -204,6 +204,19 @@ def exit_with_error(error: BaseException, verbosity: int) -> NoReturn:
 
 
 @contextlib.contextmanager
+def started(args: argparse.Namespace, bindings: Sequence[str],
+            gin_files_first: Sequence[str] = ()) -> Iterator[None]:
+    """What every entry point does first: quiet output, JAX (and its processes)
+    started, gin parsed after `gin_files_first`; inside, a RunError is one line."""
+    configure_output(args.verbosity)
+    with errors_reported(args.verbosity):
+        start_jax(args)
+        args.gin_file = [*gin_files_first, *args.gin_file]
+        parse_gin(args, bindings)
+        yield
+
+
+@contextlib.contextmanager
 def errors_reported(verbosity: int) -> Iterator[None]:
     """Inside, a RunError ends the process with its one line (`exit_with_error`)."""
     try:

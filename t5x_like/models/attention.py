@@ -122,15 +122,9 @@ def choose_implementation(
     return requested
 
 
-def dense_mask(
-    *,
-    q_len: int,
-    k_len: int,
-    causal: bool,
-    q_segment_ids: Array | None = None,
-    kv_segment_ids: Array | None = None,
-    prefix_BxL: Array | None = None,
-) -> Array | None:
+def dense_mask(*, q_len: int, k_len: int, causal: bool,
+               q_segment_ids: Array | None = None, kv_segment_ids: Array | None = None,
+               prefix_BxL: Array | None = None) -> Array | None:
     """Boolean [B|1, 1, Q, K] mask (True = may attend), or None for 'everything'.
 
     - causal: key index <= query index,

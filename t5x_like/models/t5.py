@@ -259,18 +259,11 @@ class Transformer(nn.Module):
         return self.encoder(encoder_input_tokens, segment_ids_BxL=segments,
                             enable_dropout=enable_dropout)
 
-    def decode(
-        self,
-        encoded: Array,
-        encoder_input_tokens: Array,
-        decoder_input_tokens: Array,
-        *,
-        encoder_segment_ids: Array | None = None,
-        decoder_segment_ids: Array | None = None,
-        decoder_positions: Array | None = None,
-        enable_dropout: bool = True,
-        cache_write: kv_cache.CacheWrite | None = None,
-    ) -> Array:
+    def decode(self, encoded: Array, encoder_input_tokens: Array,
+               decoder_input_tokens: Array, *, encoder_segment_ids: Array | None = None,
+               decoder_segment_ids: Array | None = None,
+               decoder_positions: Array | None = None, enable_dropout: bool = True,
+               cache_write: kv_cache.CacheWrite | None = None) -> Array:
         """Float32 logits [B, Ld, vocab] given the encoder output (see Decoder for
         decoding with `cache_write`, where `encoded` may be None)."""
         del decoder_positions
@@ -284,17 +277,12 @@ class Transformer(nn.Module):
             cache_write=cache_write,
         )
 
-    def __call__(
-        self,
-        encoder_input_tokens: Array,
-        decoder_input_tokens: Array,
-        *,
-        encoder_segment_ids: Array | None = None,
-        decoder_segment_ids: Array | None = None,
-        encoder_positions: Array | None = None,
-        decoder_positions: Array | None = None,
-        enable_dropout: bool = True,
-    ) -> Array:
+    def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array, *,
+                 encoder_segment_ids: Array | None = None,
+                 decoder_segment_ids: Array | None = None,
+                 encoder_positions: Array | None = None,
+                 decoder_positions: Array | None = None,
+                 enable_dropout: bool = True) -> Array:
         encoded = self.encode(
             encoder_input_tokens,
             encoder_segment_ids=encoder_segment_ids,
