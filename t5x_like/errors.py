@@ -12,6 +12,10 @@ that catches those keeps working.
 
 from __future__ import annotations
 
+import importlib
+import sys
+from typing import Any
+
 
 class RunError(Exception):
     """Base class: `what` went wrong, and the `fix` (what to do about it)."""
@@ -41,3 +45,37 @@ class DataError(RunError, ValueError):
 
 class NotWritableError(RunError, PermissionError):
     """A directory the run writes to (MODEL_DIR, its checkpoints) is not writable."""
+
+
+
+class LibraryChangedError(RunError, ImportError):
+    """A library no longer has an internal that one of our adapters reaches for: it
+    was upgraded past the versions that adapter was verified with."""
+
+    def __init__(self, *, symbol: str, verified: str, adapter: str):
+        library = symbol.split(".")[0]
+        installed = getattr(sys.modules.get(library), "__version__", "unknown")
+        super().__init__(
+            f"{library} {installed} has no {symbol}, which {adapter} uses (verified with "
+            f"{library} {verified})",
+            fix=f"install {library} {verified}, or update {adapter} to {library} "
+            f"{installed}")
+
+
+def library_internal(symbol: str, *, verified: str, adapter: str) -> Any:
+    """The object at `symbol` ("package.module.Class.attr"), importing modules on the
+    way, for `adapter` (the one module that uses it); a LibraryChangedError naming it
+    if the installed library lacks it, so an upgrade that moves an internal fails in
+    one line, not deep in a traceback."""
+    parts = symbol.split(".")
+    found = importlib.import_module(parts[0])
+    for depth, part in enumerate(parts[1:], start=2):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            try:         # a submodule its package does not import itself
+                found = importlib.import_module(".".join(parts[:depth]))
+            except ImportError:
+                raise LibraryChangedError(symbol=symbol, verified=verified,
+                                          adapter=adapter) from None
+    return found

@@ -12,8 +12,8 @@ shuffle, span-corruption masks) is seeded from `seed` and the shard index, so th
 Resuming: each shard iterator can say where it is (`position()`, bytes), and
 `iterator(position=...)` continues from exactly there. The position is the tf.data
 iterator's own saved state (`SerializeIterator`, as T5X checkpoints its input
-iterator), compressed, behind a small JSON header that names the pipeline it belongs
-to. Why this design:
+iterator; data/iterator_state.py), compressed, behind a small JSON header that
+names the pipeline it belongs to. Why this design:
   * it is exact for every seqio task, mixture and source (files, TFDS, caches),
     because tf.data restores each stage's real state: file offsets, the shuffle
     buffer and its RNG, span-corruption seeds, the packing window, the prefetch
@@ -50,7 +50,6 @@ import difflib
 import functools
 import json
 import logging
-import zlib
 from typing import Any, Mapping
 
 import numpy as np
@@ -58,7 +57,7 @@ import seqio
 import tensorflow as tf
 
 from t5x_like import errors
-from t5x_like.data import converters
+from t5x_like.data import converters, iterator_state
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +166,6 @@ def _check_yields_data(provider: seqio.Task | seqio.Mixture, *, split: str,
 # One shard's iterator and its saved position.
 # ---------------------------------------------------------------------------
 
-# Our py_functions (skip counting, JSONL parsing) keep no state the stream depends
-# on, so their "external state" is safe to leave out of a saved position.
-_EXTERNAL_STATE = tf.data.experimental.ExternalStatePolicy.IGNORE.value
-
-
 class ShardIterator:
     """One data shard's batches as numpy, and where it is (`position()`)."""
 
@@ -193,22 +187,16 @@ class ShardIterator:
         """Where this shard is: restores with `SeqioDataSource.iterator(position=)`.
 
         A JSON header line (format, step, the pipeline's identity) and the
-        zlib-compressed tf.data iterator state. Call between batches.
+        tf.data iterator state (data/iterator_state.py). Call between batches.
         """
-        state = tf.raw_ops.SerializeIterator(
-            resource_handle=self._iterator._iterator_resource,  # noqa: SLF001 - TF's own handle
-            external_state_policy=_EXTERNAL_STATE)
         header = {"format": _POSITION_FORMAT, "step": self.step, "pipeline": self._pipeline}
         return (json.dumps(header, sort_keys=True).encode() + b"\n"
-                + zlib.compress(tf.io.serialize_tensor(state).numpy(), 1))
+                + iterator_state.save(self._iterator))
 
     def restore(self, position: bytes) -> None:
         """Moves this (fresh) iterator to a saved position of the same pipeline."""
         _, state = position.split(b"\n", 1)
-        serialized = tf.io.parse_tensor(zlib.decompress(state), tf.variant)
-        tf.raw_ops.DeserializeIterator(
-            resource_handle=self._iterator._iterator_resource,  # noqa: SLF001
-            serialized=serialized)
+        iterator_state.restore(self._iterator, state)
 
 
 def position_header(position: bytes) -> dict[str, Any]:
@@ -400,7 +388,7 @@ class SeqioDataSource:
             try:
                 shard.restore(position)
                 return shard
-            except (tf.errors.OpError, ValueError, zlib.error) as e:
+            except iterator_state.UNREADABLE as e:
                 problem = f"it could not be restored ({type(e).__name__}: {e})"
         if problem:
             log.warning("Data shard %d: not using the saved input position (%s); "

@@ -319,10 +319,9 @@ def start_jax(args: argparse.Namespace) -> None:
     elif args.distributed == "auto":
         jax.distributed.initialize(heartbeat_timeout_seconds=jax_timeout)
     if jax.process_count() > 1:
-        from jax._src import distributed   # the client of jax.distributed.initialize
-        from t5x_like.training import peer_watchdog
+        from t5x_like.training import jax_coordination, peer_watchdog
         _watchdog = peer_watchdog.PeerWatchdog(
-            client=distributed.global_state.client, process_index=jax.process_index(),
+            client=jax_coordination.coordination_client(), process_index=jax.process_index(),
             process_count=jax.process_count(),
             timeout_s=args.heartbeat_timeout_seconds).start()
 

@@ -1,15 +1,8 @@
 """Where training numbers go: TensorBoard event files and a readable progress line,
 both showing metrics averaged over the log interval (`IntervalMeans`).
 
-Event files are written with `tensorboardX`'s event writer. Why that library: it is
-maintained, writes ordinary event files that TensorBoard (and `EventAccumulator`)
-read, and needs only numpy, protobuf and packaging. The alternatives each bring more:
-the `tensorboard` package's writer is a private module and drags in the TensorBoard
-server (werkzeug, grpcio, markdown, ...); `tf.summary` needs TensorFlow, which the
-core must not; CLU's writers need TensorFlow too. We use its synchronous
-`EventsWriter` rather than `SummaryWriter`, whose events reach the file through a
-background thread: its `flush()` does not wait for them, so a run killed right after
-a checkpoint could lose the last logged point.
+Event files are written through reporting/event_files.py (tensorboardX, synchronous:
+a point is on disk when `write_scalars` returns; that module says why).
 """
 
 from __future__ import annotations
@@ -22,12 +15,9 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-from tensorboardX import record_writer
-from tensorboardX.event_file_writer import EventsWriter
-from tensorboardX.proto.event_pb2 import Event
-from tensorboardX.summary import scalar
 
 from t5x_like import storage
+from t5x_like.reporting import event_files
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +35,8 @@ class TensorBoardWriter:
     def __init__(self, *, logdir: str):
         self._prefix = storage.join(logdir, "events")
         self._remote = storage.is_url(logdir)
-        if self._remote:
-            _route_event_files_through_storage(storage.scheme(logdir))
+        if self._remote:     # opened through storage.py, as every other file of a run
+            event_files.open_urls_with(storage.scheme(logdir), storage.AppendableFile)
         else:
             os.makedirs(logdir, exist_ok=True)
         self._files = 0
@@ -54,15 +44,12 @@ class TensorBoardWriter:
 
     def _open(self) -> None:
         suffix = f".{self._files}" if self._remote else ""
-        self._events = EventsWriter(self._prefix, filename_suffix=suffix)
+        self._events = event_files.EventFile(self._prefix, filename_suffix=suffix)
         self._files += 1
         self._written = 0
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        wall_time = time.time()
-        for name, value in scalars.items():
-            self._events.write_event(Event(wall_time=wall_time, step=int(step),
-                                           summary=scalar(name, float(value))))
+        self._events.write_scalars(step, scalars, wall_time=time.time())
         self._events.flush()     # log points are rare; a killed run keeps its curve
         self._written += len(scalars)
         if self._remote and self._written >= EVENTS_PER_REMOTE_FILE:
@@ -78,21 +65,6 @@ class TensorBoardWriter:
 
 # About 1.5 MB of scalar events: the most one flush rewrites on an object store.
 EVENTS_PER_REMOTE_FILE = 20_000
-
-
-class _StorageEventFiles:
-    """tensorboardX's hook for a URL scheme (its `register_writer_factory`): event
-    files opened through storage.py, the layer every other file of a run uses."""
-
-    def open(self, path: str) -> storage.AppendableFile:
-        return storage.AppendableFile(path)
-
-    def directory_check(self, path: str) -> None:
-        del path                 # object stores have no folders to create
-
-
-def _route_event_files_through_storage(scheme: str) -> None:
-    record_writer.register_writer_factory(scheme, _StorageEventFiles())
 
 
 # How IntervalMeans averages each train-step metric (see its docstring).
