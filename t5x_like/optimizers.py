@@ -46,6 +46,21 @@ class Optimizer:
             return self.transform
         return self.by_param_axes(param_axes)
 
+    def applied_learning_rate(self, opt_state: Any) -> jax.Array:
+        """The rate `transform.update` applies to `opt_state`: the schedule at the
+        optimizer's own update count, the first `count` in its state (Adafactor's;
+        optax's scale_by_schedule's, whose counters all advance together).
+
+        Not at the train state's step: a step whose update is dropped for a NaN/Inf
+        keeps the old optimizer state, so from then on its count is behind the step.
+        """
+        counts = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+        if not counts:
+            raise ValueError("The optimizer state has no `count`, so the step of its "
+                             "learning-rate schedule is unknown; build the transformation "
+                             "with an optax schedule (scale_by_schedule) or a count.")
+        return self.learning_rate(counts[0][1])
+
 
 def rsqrt_schedule(*, base_learning_rate: float = 1.0, warmup_steps: int = 10_000,
                    linear_warmup: bool = False) -> optax.Schedule:

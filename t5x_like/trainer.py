@@ -255,7 +255,7 @@ def make_train_step(*, model: Model, optimizer: Optimizer, num_microbatches: int
             "z_loss": sums["z_loss_sum"] / weight_sum,
             "accuracy": sums["accuracy_sum"] / weight_sum,
             "target_tokens": sums["weight_sum"],
-            "learning_rate": optimizer.learning_rate(state.step),
+            "learning_rate": optimizer.applied_learning_rate(state.opt_state),
             "grad_norm": grad_norm,
             "param_norm": optax.tree.norm(params),
             "nonfinite": 1.0 - finite.astype(jnp.float32),
