@@ -52,7 +52,9 @@ class Model(Protocol):
         """Non-padding tokens in a host batch (the throughput the progress line shows)."""
 
     def loss_and_metrics(self, params: Any, batch: Batch, *,
-                         dropout_rng: jax.Array | None) -> tuple[jax.Array, dict]: ...
+                         dropout_rng: jax.Array | None) -> tuple[jax.Array, dict]:
+        """(loss summed over the batch's tokens, unnormalised; sums: loss_sum,
+        z_loss_sum, accuracy_sum, weight_sum): the trainer divides by weight_sum."""
 
 
 @flax.struct.dataclass
@@ -192,14 +194,13 @@ def _sum_metrics_and_grads(model: Model, params: Any, batch: Batch, dropout_rng,
     """Gradient of the *unnormalised* loss, summed over microbatches.
 
     The loss is normalised by the number of real target tokens in the whole batch,
-    so microbatches contribute sums and the division happens once at the end: the
-    result equals the single-batch gradient, not an average of per-microbatch means.
+    so microbatches contribute sums (the model returns its loss as a sum) and the
+    division happens once at the end: the result equals the single-batch gradient,
+    not an average of per-microbatch means.
     """
-    def sum_loss(p, micro, rng):
-        loss, metrics = model.loss_and_metrics(p, micro, dropout_rng=rng)
-        return loss * jax.lax.stop_gradient(metrics["weight_sum"]), metrics
-
-    grad_fn = jax.grad(sum_loss, has_aux=True)
+    grad_fn = jax.grad(
+        lambda p, micro, rng: model.loss_and_metrics(p, micro, dropout_rng=rng),
+        has_aux=True)
     if num_microbatches == 1:
         grads, metrics = grad_fn(params, batch, dropout_rng)
         return metrics, grads

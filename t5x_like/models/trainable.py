@@ -42,7 +42,8 @@ class TrainableLM:
     def loss_and_metrics(
         self, params, batch: Mapping[str, jax.Array], *, dropout_rng: jax.Array | None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Mean loss over weighted target tokens, plus exact sums for aggregation.
+        """The summed loss over weighted target tokens (the trainer divides it by
+        weight_sum once, after summing microbatches), plus exact sums for aggregation.
 
         metrics: loss_sum (cross-entropy + z-loss, weighted), z_loss_sum,
         accuracy_sum (weighted count of argmax == target), weight_sum.
