@@ -60,9 +60,14 @@ def wait_for_checkpoint(model_dir, step, proc, timeout=300):
 
 
 def logged_losses(model_dir):
+    return logged_scalars(model_dir, "loss")
+
+
+def logged_scalars(model_dir, tag):
+    """{step: value} of one TensorBoard scalar the run wrote to model_dir/train."""
     acc = EventAccumulator(os.path.join(model_dir, "train"))
     acc.Reload()
-    return {e.step: e.value for e in acc.Scalars("loss")}
+    return {e.step: e.value for e in acc.Scalars(tag)}
 
 
 def checkpoint_steps(model_dir):

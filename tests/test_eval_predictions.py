@@ -144,16 +144,52 @@ def test_a_prefix_lm_is_scored_on_its_decoded_continuation_of_the_prompt():
                                                      <= (prompts > 0).sum(1)[:, None])},
         config=decode.DecodeConfig(max_decode_length=LENGTHS["targets"]))
     vocabulary = task.output_features["targets"].vocabulary
-    want = [vocabulary.decode(predictions.strip_after_eos(row))
+    want = [vocabulary.decode(predictions.strip_after_eos(row, eos_id=1))
             for row in np.asarray(result.tokens_BxL)]
     assert [p for _, p in examples["pydocs_section_titles"]] == want
     assert any(want)
 
 
 def test_predictions_stop_before_eos():
-    assert predictions.strip_after_eos(np.array([5, 6, 1, 7])) == [5, 6]
-    assert predictions.strip_after_eos(np.array([5, 6])) == [5, 6]
+    assert predictions.strip_after_eos(np.array([5, 6, 1, 7]), eos_id=1) == [5, 6]
+    assert predictions.strip_after_eos(np.array([5, 6]), eos_id=1) == [5, 6]
     assert predictions.strip_after_eos(np.array([5, 2, 6]), eos_id=2) == [5]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScriptedDecoder(decoder.DecoderOnlyModel):
+    """The real decoder, plus a large bonus for generated token t being script[t]."""
+    script: tuple[int, ...]
+
+    def _forced(self, logits_BxV, t):
+        wanted = jnp.asarray(self.script)[jnp.minimum(t, len(self.script) - 1)]
+        return logits_BxV + 100.0 * jax.nn.one_hot(wanted, logits_BxV.shape[-1])
+
+    def decode_prefill(self, params, batch, *, max_decode_length):
+        logits_BxV, state = super().decode_prefill(params, batch,
+                                                   max_decode_length=max_decode_length)
+        return self._forced(logits_BxV, 0), state
+
+    def decode_step(self, params, state, tokens_B, position):
+        logits_BxV, state = super().decode_step(params, state, tokens_B, position)
+        return self._forced(logits_BxV, position + 1), state
+
+
+def test_predictions_end_at_the_models_own_eos():
+    """A model whose EOS is 5 (an imported Llama's is 2, Llama 3's 128001) generates
+    7, 5, 1, 9: its prediction is [7], not [7, 5] (what ending at id 1 gives)."""
+    model = ScriptedDecoder(config=decoder.DecoderConfig(
+        vocab_size=64, emb_dim=16, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32,
+        num_layers=1, eos_token_id=5), script=(7, 5, 1, 9))
+    partitioner = partitioning.Partitioner(devices=jax.devices()[:1])
+    params = nn.unbox(model.init_params(jax.random.key(0), batch_size=1, decoder_length=8))
+    predict = predictions.Decoded().bind(
+        model=model, partitioner=partitioner, max_decode_length=4,
+        param_shardings=jax.tree.map(lambda _: partitioner.sharding(()), params))
+    prompts = np.array([[0, 3, 4, 0], [0, 6, 0, 0]], np.int32)
+    causal = (np.arange(4) <= np.array([[2], [1]])).astype(np.int32)
+    assert predict(params, {"decoder_input_tokens": prompts,
+                            "decoder_causal_attention": causal}) == [[7], [7]]
 
 
 def test_log_likelihood_is_minus_the_summed_cross_entropy_per_row():

@@ -144,6 +144,38 @@ def test_infer_on_a_hugging_face_directory_equals_generate(tmp_path, hf_dir):
     assert record["prediction"] == tokenizer.decode(expected)
 
 
+def test_a_hugging_face_llama_gets_its_context_as_prompt_slots(hf_dir):
+  """max_position_embeddings=128 in config.json: 128 prompt slots (a longer prompt is
+  a one-line error, test_bad_prompts_are_one_line_errors), EOS 2 from config.json."""
+  import jax
+  from t5x_like.decoding import inference
+  from t5x_like.parallel import partitioning
+  source = inference.from_hf(hf_dir, partitioner=partitioning.Partitioner(
+      devices=jax.devices()[:1]))
+  assert source.max_input_length == 128 and source.eos_id == 2
+
+
+@pytest.mark.parametrize("files,slots", [
+    ({"config.json": {"n_positions": 64}, "tokenizer_config.json": {"model_max_length": 256}},
+     64),
+    ({"tokenizer_config.json": {"model_max_length": 256}}, 256),
+    ({"tokenizer_config.json": {"model_max_length": int(1e30)}}, 512),   # HF's "unset"
+    ({}, 512),
+])
+def test_a_hugging_face_t5_gets_its_configured_input_length_as_prompt_slots(tmp_path, files,
+                                                                            slots):
+  import jax
+  from t5x_like.decoding import inference
+  from t5x_like.parallel import partitioning
+  config = {"model_type": "t5", "eos_token_id": 1, **files.get("config.json", {})}
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  if "tokenizer_config.json" in files:
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(files["tokenizer_config.json"]))
+  source = inference.from_hf(str(tmp_path), partitioner=partitioning.Partitioner(
+      devices=jax.devices()[:1]))
+  assert source.max_input_length == slots
+
+
 # ------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("content,message", [
@@ -151,7 +183,7 @@ def test_infer_on_a_hugging_face_directory_equals_generate(tmp_path, hf_dir):
     ('{"inputs": "fine"}\n\n{"inputs": "unterminated\n',
      r"line 3 of \S+ is not valid JSON \(.*\) — each line must be an object"),
     (json.dumps({"inputs": " ".join(["word"] * 600)}) + "\n",
-     r"the prompt on line 1 of \S+ has \d+ tokens, more than the 512 prompt slots of the "
+     r"the prompt on line 1 of \S+ has \d+ tokens, more than the 128 prompt slots of the "
      r"cache — shorten it, or raise --max_input_length$"),
 ])
 def test_bad_prompts_are_one_line_errors(tmp_path, hf_dir, content, message):

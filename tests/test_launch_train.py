@@ -44,3 +44,17 @@ def test_decoder_only_objectives_train_through_the_entry_point(tmp_path, objecti
     losses = logged_losses(str(tmp_path))
     assert sorted(losses) == [1, 2] and all(8.0 < v < 10.0 for v in losses.values()), log[-2000:]
     assert checkpoint_steps(str(tmp_path)) == [1, 2]
+
+
+@pytest.mark.parametrize("impl,reason", [("cudnn", "cudnn needs a GPU"),
+                                         ("splash", "splash attention needs a TPU")])
+def test_a_kernel_the_machine_lacks_is_one_console_line_naming_what_runs(tmp_path, impl,
+                                                                         reason):
+    """On CPU the requested kernel falls back to xla in every layer and trace; the
+    user sees that once, at the default verbosity."""
+    log = run_train(str(tmp_path), "--gin.TRAIN_STEPS=1",
+                    f"--gin.t5.T5Config.attention_impl='{impl}'")
+    lines = [line for line in log.splitlines() if "requested but" in line]
+    assert len(lines) == 1, log[-3000:]
+    assert lines[0].endswith(f"attention: {impl} requested but {reason} (backend is cpu); "
+                             "falling back to xla."), lines

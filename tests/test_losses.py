@@ -77,3 +77,55 @@ def test_zero_weight_padding_does_not_change_the_sum():
       jnp.asarray(padded_logits), jnp.asarray(padded_targets), jnp.asarray(padded_weights), **kw
   )
   np.testing.assert_allclose(float(jnp.sum(ptotal)), float(jnp.sum(total)), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- one normalisation
+
+def _padded_t5_batch():
+  """4 rows of a tiny T5's batch whose targets end in 1..6 padding positions, so the
+  two halves (microbatches) hold different numbers of real tokens (5+4 vs 3+2)."""
+  from t5x_like.models import t5
+  model = t5.EncoderDecoderModel(config=t5.T5Config(
+      vocab_size=40, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
+      num_encoder_layers=1, num_decoder_layers=1), z_loss=1e-2)
+  rng = np.random.default_rng(0)
+  real = np.arange(7)[None, :] < np.array([[5], [4], [3], [2]])
+  targets = rng.integers(2, 40, (4, 7)).astype(np.int32) * real
+  batch = {'encoder_input_tokens': rng.integers(2, 40, (4, 6)).astype(np.int32),
+           'decoder_input_tokens': np.pad(targets[:, :-1], ((0, 0), (1, 0))),
+           'decoder_target_tokens': targets, 'decoder_loss_weights': real.astype(np.int32)}
+  return model, batch
+
+
+def _numpy_loss_sum(logits, batch, z_loss):
+  """Sum over real target tokens of -log p(target) + z_loss * logZ^2, in float64."""
+  logits = np.asarray(logits, np.float64)
+  log_z = np.log(np.exp(logits).sum(-1))
+  target_logit = np.take_along_axis(logits, batch['decoder_target_tokens'][..., None], -1)[..., 0]
+  per_token = log_z - target_logit + z_loss * log_z**2
+  return float((per_token * batch['decoder_loss_weights']).sum())
+
+
+def test_the_model_returns_the_loss_sum_and_the_trainer_divides_it_once():
+  """The model's loss is the sum over real tokens (numpy, from its logits); the
+  trainer's reported loss is that sum over the token count, with 1 or 2 microbatches."""
+  import jax
+  import flax.linen as nn
+  from t5x_like.training import optimizers, trainer
+  model, batch = _padded_t5_batch()
+  params = nn.unbox(model.init_params(jax.random.key(0), batch_size=1, encoder_length=6,
+                                      decoder_length=7))
+  want = _numpy_loss_sum(model.logits(params, batch), batch, model.z_loss)
+  loss, sums = model.loss_and_metrics(params, batch, dropout_rng=None)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-6)
+  np.testing.assert_allclose(float(sums['loss_sum']), want, rtol=1e-6)
+  assert float(sums['weight_sum']) == 14
+  optimizer = optimizers.adamw(learning_rate=lambda step: 1e-3)
+  state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                             opt_state=optimizer.transform.init(params))
+  for num_microbatches in (1, 2):
+    step = jax.jit(trainer.make_train_step(model=model, optimizer=optimizer,
+                                           num_microbatches=num_microbatches))
+    _, metrics = step(state, batch)
+    assert float(metrics['target_tokens']) == 14
+    np.testing.assert_allclose(float(metrics['loss']), want / 14, rtol=1e-6)

@@ -21,8 +21,12 @@ def batch():
 
 
 def loss_and_grads(model, params):
-    return jax.value_and_grad(lambda p: model.loss_and_metrics(p, batch(), dropout_rng=None)[0])(
-        params)
+    """The mean token loss (the model returns the sum; the tolerances are for the
+    mean) and its gradients."""
+    def mean_loss(p):
+        loss_sum, sums = model.loss_and_metrics(p, batch(), dropout_rng=None)
+        return loss_sum / sums["weight_sum"]
+    return jax.value_and_grad(mean_loss)(params)
 
 
 @pytest.fixture(scope="module")

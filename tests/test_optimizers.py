@@ -13,11 +13,31 @@ def test_rsqrt_schedule_matches_t5_numbers():
                                [0.01, 0.01, 0.01, 0.005], rtol=1e-6)
 
 
-def test_linear_warmup_ramps_then_decays():
-    lr = optimizers.rsqrt_schedule(base_learning_rate=1.0, warmup_steps=100,
-                                   linear_warmup=True)
-    np.testing.assert_allclose([lr(0), lr(49), lr(99), lr(400)],
-                               [0.1 / 100, 0.1 * 50 / 100, 0.1, 0.05], rtol=1e-6)
+def t5x_learning_rate(step, *, factors, base_learning_rate, warmup_steps,
+                      min_learning_rate=1e-8):
+    """T5X's utils.create_learning_rate_scheduler(...)(step), the factors we offer,
+    transcribed (t5x/utils.py); T5X passes the 0-based step of the update."""
+    rate = 1.0
+    for name in factors.split(" * "):
+        rate *= {"constant": base_learning_rate,
+                 "linear_warmup": min(1.0, step / warmup_steps),
+                 "rsqrt_decay": 1 / np.sqrt(max(step, warmup_steps))}[name]
+    return max(rate, min_learning_rate)
+
+
+@pytest.mark.parametrize("linear_warmup", [False, True])
+def test_rsqrt_schedule_equals_t5x_at_the_edges_of_the_warmup(linear_warmup):
+    warmup = 100
+    lr = optimizers.rsqrt_schedule(base_learning_rate=0.5, warmup_steps=warmup,
+                                   linear_warmup=linear_warmup)
+    factors = "constant * linear_warmup * rsqrt_decay" if linear_warmup else \
+        "constant * rsqrt_decay"
+    steps = [0, 1, warmup - 1, warmup, 4 * warmup]
+    want = [t5x_learning_rate(s, factors=factors, base_learning_rate=0.5,
+                              warmup_steps=warmup) for s in steps]
+    np.testing.assert_allclose([lr(s) for s in steps], want, rtol=1e-6)
+    if linear_warmup:                 # the first update gets only the floor
+        assert want[:2] == [1e-8, 0.5 * 0.1 / 100]
 
 
 def test_adafactor_factors_large_matrices_and_updates():

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from launch_helpers import (REPO, checkpoint_steps, logged_losses,
+from launch_helpers import (REPO, checkpoint_steps, logged_losses, logged_scalars,
                             overwrite_bytes_in_largest_array_file, run_train, start_train,
                             train_command, train_env, wait_for_checkpoint)
 from t5x_like.checkpointing import checkpoints
@@ -101,6 +101,21 @@ def test_nan_skip_update_leaves_the_state_untouched_and_goes_on(tmp_path):
     before, after, later = (saved_params(str(tmp_path), s) for s in (4, 5, 6))
     jax.tree.map(np.testing.assert_array_equal, before, after)        # step 5 skipped
     assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(later)))
+
+
+def test_the_logged_learning_rate_is_the_one_applied_after_a_skipped_step(tmp_path):
+    """Step 5's update is dropped (NaN), optimizer state included, so from then on the
+    optimizer's own count is one behind the train state's step: step 6 applies
+    lr(count 4), not lr(5), and that is the rate its log line must show."""
+    schedule = optimizers.rsqrt_schedule(base_learning_rate=0.01, warmup_steps=1)
+    result = run(str(tmp_path), "skip_update", learning_rate=schedule)
+    state = result.final_state
+    assert int(state.step) == 6 and int(state.opt_state.count) == 5   # 5 applied
+    logged = logged_scalars(str(tmp_path), "learning_rate")
+    count_before = {1: 0, 2: 1, 3: 2, 4: 3, 5: 4, 6: 4}
+    assert logged == {step: float(np.float32(schedule(count)))
+                      for step, count in count_before.items()}
+    assert logged[6] == np.float32(0.01 / 2) != np.float32(0.01 / np.sqrt(5))
 
 
 def test_a_nonfinite_update_is_named_and_a_fresh_run_is_not_told_to_resume(tmp_path):

@@ -265,7 +265,33 @@ def from_hf(directory: str, *, partitioner: partitioning.Partitioner) -> Source:
     text = tokenizer.load(directory)
     return Source(name=directory, partitioner=partitioner, layout=layout,
                   codec=text and TextCodec(tokenizer=text, eos_id=eos, append_eos=append_eos),
-                  eos_id=eos, max_input_length=512, task_lengths={}, load=load)
+                  eos_id=eos, max_input_length=_hf_prompt_slots(directory, hf_config),
+                  task_lengths={}, load=load)
+
+
+# transformers' `model_max_length` when a tokenizer sets none (VERY_LARGE_INTEGER).
+_HF_UNSET_LENGTH = int(1e30)
+
+
+def _hf_prompt_slots(directory: str, hf_config: Mapping[str, Any]) -> int:
+    """Default prompt slots for a Hugging Face model: the input length it was made for.
+
+    Llama: config.json's max_position_embeddings, the context its positions were
+    trained on (2048, transformers' LlamaConfig default, when absent). T5's relative
+    positions set no limit, so: config.json's n_positions where present (the original
+    T5 checkpoints have 512), else tokenizer_config.json's model_max_length unless it
+    is transformers' "unset" value, else 512, T5's pretraining input length.
+    """
+    if hf_config.get("model_type") == "llama":
+        return int(hf_config.get("max_position_embeddings") or 2048)
+    if hf_config.get("n_positions"):
+        return int(hf_config["n_positions"])
+    path = storage.join(directory, "tokenizer_config.json")
+    if storage.exists(path):
+        length = json.loads(storage.read_text(path)).get("model_max_length")
+        if length and length < _HF_UNSET_LENGTH:
+            return int(length)
+    return 512
 
 
 # ---------------------------------------------------------------------------

@@ -35,9 +35,6 @@ from t5x_like.evaluation import teacher_forced
 from t5x_like.parallel import partitioning
 from t5x_like.models.trainable import Model
 
-# seqio vocabularies used here reserve id 1 for EOS (data/vocabularies.py).
-EOS_ID = 1
-
 PredictFn = Callable[[Any, Mapping[str, np.ndarray]], list[list[int]]]
 ScoreFn = Callable[[Any, Mapping[str, np.ndarray]], list[float]]
 
@@ -63,7 +60,19 @@ def _jit_on_mesh(fn: Callable, *, partitioner: partitioning.Partitioner,
     return call
 
 
-def strip_after_eos(tokens: np.ndarray, *, eos_id: int = EOS_ID) -> list[int]:
+def model_eos_id(model: Model) -> int:
+    """The id that ends the model's sequences: its config's `eos_token_id` (a decoder's
+    vocabulary's, or an imported Hugging Face model's: Llama 2's is 2; of several, as
+    Llama 3's, the first, as launch.infer takes it), else 1: a T5 config has none, and
+    T5's vocabularies, seqio's and ours (data/vocabularies.py), put EOS at 1."""
+    eos = getattr(getattr(model, "config", None), "eos_token_id", 1)
+    if eos is None:
+        raise ValueError(f"{type(model).__name__}'s config has eos_token_id=None, so its "
+                         "predictions would never end; set the config's eos_token_id.")
+    return int(eos[0] if isinstance(eos, (tuple, list)) else eos)
+
+
+def strip_after_eos(tokens: np.ndarray, *, eos_id: int) -> list[int]:
     ids = [int(t) for t in tokens]
     return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
@@ -75,7 +84,9 @@ class Decoded:
     Attributes:
       config: how to decode (gin: `predictions.Decoded.config =
         @decode.DecodeConfig()`); None = greedy, at most the task's target length
-        (`max_decode_length` given to `bind`), as T5X evaluates.
+        (`max_decode_length` given to `bind`), as T5X evaluates. Its eos_id is
+        replaced by the model's (`model_eos_id`), as launch.infer does: decoding
+        stops, and predictions are cut, where the model ends its sequences.
       seed: sampling's random key (with temperature > 0); each batch folds in a hash
         of its inputs, so the same examples get the same samples on every run.
     """
@@ -97,7 +108,9 @@ class Decoded:
 
     def bind(self, *, model: Model, partitioner: partitioning.Partitioner,
              param_shardings: Any, max_decode_length: int) -> PredictFn:
-        config = self.config or decode.DecodeConfig(max_decode_length=max_decode_length)
+        config = dataclasses.replace(
+            self.config or decode.DecodeConfig(max_decode_length=max_decode_length),
+            eos_id=model_eos_id(model))
         replicated = partitioner.jit(lambda x: x, out_shardings=partitioner.replicated())
 
         def predict(params, batch):

@@ -7,8 +7,8 @@
       --gin.MODEL_DIR="'runs/base_prefix_lm'" --task=pydocs_prefix_lm --limit=32 ...
 
 Each input line is {"inputs": "text"} or {"input_ids": [...]}. Decoding is gin:
-`decoding.DecodeConfig` (defaults in configs/runs/infer.gin), e.g.
---gin.decoding.DecodeConfig.num_beams=4 or --gin.decoding.DecodeConfig.temperature=0.7.
+`decode.DecodeConfig` (defaults in configs/runs/infer.gin), e.g.
+--gin.decode.DecodeConfig.num_beams=4 or --gin.decode.DecodeConfig.temperature=0.7.
 The logic is in t5x_like/decoding/inference.py.
 """
 

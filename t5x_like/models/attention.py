@@ -42,12 +42,17 @@ IMPLEMENTATIONS = ('xla', 'jax_xla', 'cudnn', 'splash')
 MASK_BIAS = -1e10
 
 _warned: set[str] = set()
+# Our logger, not the root one: the console shows only this repository's loggers at
+# the default verbosity (launcher.configure_output), and a user who asked for a
+# kernel must see that another runs.
+log = logging.getLogger(__name__)
 
 
 def _warn_once(message: str) -> None:
+    """Once per process, however many layers and traces hit the same fall-back."""
     if message not in _warned:
         _warned.add(message)
-        logging.warning(message)
+        log.warning(message)
 
 
 # The platform the code is being traced for, and whether Pallas kernels run in

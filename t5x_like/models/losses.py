@@ -128,8 +128,11 @@ def loss_and_metric_sums(
     label_smoothing: float,
     normalization: str = 'tokens',
 ) -> tuple[Array, dict[str, Array]]:
-    """(normalised loss, sums) in the form every model returns to the trainer.
+    """(loss sum, sums) in the form every model returns to the trainer.
 
+    The loss is the unnormalised sum, the one the trainer differentiates; the trainer
+    divides it, summed over microbatches, by weight_sum once (trainer.py), so no
+    mean is taken here and undone there.
     sums: loss_sum (CE + z-loss, weighted), z_loss_sum, accuracy_sum (weighted
     argmax hits), weight_sum (the divisor of `normalization`), all float32.
     """
@@ -145,4 +148,4 @@ def loss_and_metric_sums(
         'accuracy_sum': jnp.sum(correct_BxL * token_w),
         'weight_sum': weight_sum,
     }
-    return loss_sum / jnp.maximum(weight_sum, 1e-8), metrics
+    return loss_sum, metrics

@@ -44,7 +44,9 @@ class Model(Protocol):
         """Non-padding tokens in a host batch (the throughput the progress line shows)."""
 
     def loss_and_metrics(self, params: Any, batch: Mapping[str, jax.Array], *,
-                         dropout_rng: jax.Array | None) -> tuple[jax.Array, dict]: ...
+                         dropout_rng: jax.Array | None) -> tuple[jax.Array, dict]:
+        """(loss summed over the batch's tokens, unnormalised; sums: loss_sum,
+        z_loss_sum, accuracy_sum, weight_sum): the trainer divides by weight_sum."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,7 +74,8 @@ class TrainableLM:
     def loss_and_metrics(
         self, params, batch: Mapping[str, jax.Array], *, dropout_rng: jax.Array | None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Mean loss over weighted target tokens, plus exact sums for aggregation.
+        """The summed loss over weighted target tokens (the trainer divides it by
+        weight_sum once, after summing microbatches), plus exact sums for aggregation.
 
         metrics: loss_sum (cross-entropy + z-loss, weighted), z_loss_sum,
         accuracy_sum (weighted count of argmax == target), weight_sum.

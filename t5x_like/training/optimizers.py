@@ -48,15 +48,38 @@ class Optimizer:
             return self.transform
         return self.by_param_axes(param_axes)
 
+    def applied_learning_rate(self, opt_state: Any) -> jax.Array:
+        """The rate `transform.update` applies to `opt_state`: the schedule at the
+        optimizer's own update count, the first `count` in its state (Adafactor's;
+        optax's scale_by_schedule's, whose counters all advance together).
+
+        Not at the train state's step: a step whose update is dropped for a NaN/Inf
+        keeps the old optimizer state, so from then on its count is behind the step.
+        """
+        counts = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+        if not counts:
+            raise ValueError("The optimizer state has no `count`, so the step of its "
+                             "learning-rate schedule is unknown; build the transformation "
+                             "with an optax schedule (scale_by_schedule) or a count.")
+        return self.learning_rate(counts[0][1])
+
 
 def rsqrt_schedule(*, base_learning_rate: float = 1.0, warmup_steps: int = 10_000,
-                   linear_warmup: bool = False) -> optax.Schedule:
+                   linear_warmup: bool = False,
+                   min_learning_rate: float = 1e-8) -> optax.Schedule:
     """T5's inverse-square-root schedule: base * 1/sqrt(max(step, warmup_steps)).
 
     With T5's defaults (base 1.0, warmup 10k) the rate is held at 0.01 for the
     first 10k steps, then decays as 1/sqrt(step). `linear_warmup=True` additionally
     ramps from 0 over the warmup (T5X's 'linear_warmup * rsqrt_decay'), which short
     runs from scratch prefer.
+
+    Equal to T5X's `utils.create_learning_rate_scheduler` with factors 'constant *
+    [linear_warmup *] rsqrt_decay', floor `min_learning_rate` included, at the same
+    steps: `step` is the optimizer's update count, 0 for the first update, as T5X
+    evaluates its schedule at its 0-based train-state step. So the ramp is
+    step / warmup_steps and the first update gets only the floor, as in T5X (one
+    nearly wasted step, kept so that T5X runs and ours take the same updates).
     """
     if warmup_steps < 1:
         raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}.")
@@ -65,8 +88,8 @@ def rsqrt_schedule(*, base_learning_rate: float = 1.0, warmup_steps: int = 10_00
         step = jnp.asarray(step, jnp.float32)
         lr = base_learning_rate * jnp.reciprocal(jnp.sqrt(jnp.maximum(step, warmup_steps)))
         if linear_warmup:
-            lr = lr * jnp.minimum(1.0, (step + 1.0) / warmup_steps)
-        return lr
+            lr = lr * jnp.minimum(1.0, step / warmup_steps)
+        return jnp.maximum(lr, min_learning_rate)
 
     return schedule
 

@@ -128,14 +128,13 @@ def _sum_metrics_and_grads(model: Model, params: Any, batch: Batch, dropout_rng,
     """Gradient of the *unnormalised* loss, summed over microbatches.
 
     The loss is normalised by the number of real target tokens in the whole batch,
-    so microbatches contribute sums and the division happens once at the end: the
-    result equals the single-batch gradient, not an average of per-microbatch means.
+    so microbatches contribute sums (the model returns its loss as a sum) and the
+    division happens once at the end: the result equals the single-batch gradient,
+    not an average of per-microbatch means.
     """
-    def sum_loss(p, micro, rng):
-        loss, metrics = model.loss_and_metrics(p, micro, dropout_rng=rng)
-        return loss * jax.lax.stop_gradient(metrics["weight_sum"]), metrics
-
-    grad_fn = jax.grad(sum_loss, has_aux=True)
+    grad_fn = jax.grad(
+        lambda p, micro, rng: model.loss_and_metrics(p, micro, dropout_rng=rng),
+        has_aux=True)
     if num_microbatches == 1:
         grads, metrics = grad_fn(params, batch, dropout_rng)
         return metrics, grads
@@ -191,7 +190,7 @@ def make_train_step(*, model: Model, optimizer: Optimizer, num_microbatches: int
             "z_loss": sums["z_loss_sum"] / weight_sum,
             "accuracy": sums["accuracy_sum"] / weight_sum,
             "target_tokens": sums["weight_sum"],
-            "learning_rate": optimizer.learning_rate(state.step),
+            "learning_rate": optimizer.applied_learning_rate(state.opt_state),
             "grad_norm": grad_norm,
             "param_norm": optax.tree.norm(params),
             "nonfinite": 1.0 - finite.astype(jnp.float32),
