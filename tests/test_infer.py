@@ -55,7 +55,7 @@ def test_infer_on_a_trained_run_matches_decoding_in_process(tmp_path, straight_r
   out = tmp_path / "out.jsonl"
   log = _infer("--gin_file=tests/configs/tiny_run.gin", f"--gin.MODEL_DIR='{straight_run}'",
                f"--input={prompts}", f"--output={out}", "--batch_size=2",
-               f"--gin.decoding.DecodeConfig.max_decode_length={STEPS}")
+               f"--gin.decode.DecodeConfig.max_decode_length={STEPS}")
   assert "tok/s" in log and "Traceback" not in log
   records = _read_jsonl(out)
   assert [r["inputs"] for r in records] == TEXTS
@@ -90,8 +90,8 @@ def test_infer_reads_a_task_split_and_beam_searches(tmp_path, straight_run):
   out = tmp_path / "out.jsonl"
   _infer("--gin_file=tests/configs/tiny_run.gin", f"--gin.MODEL_DIR='{straight_run}'",
          "--task=pydocs_span_corruption", "--split=validation", "--limit=3", f"--output={out}",
-         "--batch_size=4", "--gin.decoding.DecodeConfig.num_beams=2",
-         f"--gin.decoding.DecodeConfig.max_decode_length={STEPS}", "--checkpoint=6")
+         "--batch_size=4", "--gin.decode.DecodeConfig.num_beams=2",
+         f"--gin.decode.DecodeConfig.max_decode_length={STEPS}", "--checkpoint=6")
   records = _read_jsonl(out)
   assert len(records) == 3
   for record in records:
@@ -128,7 +128,7 @@ def test_infer_on_a_hugging_face_directory_equals_generate(tmp_path, hf_dir):
   prompts = _write_prompts(tmp_path / "p.jsonl", [json.dumps({"inputs": t}) for t in TEXTS])
   out = tmp_path / "out.jsonl"
   _infer(f"--hf_checkpoint={hf_dir}", f"--input={prompts}", f"--output={out}", "--batch_size=2",
-         f"--gin.decoding.DecodeConfig.max_decode_length={STEPS}")
+         f"--gin.decode.DecodeConfig.max_decode_length={STEPS}")
   records = _read_jsonl(out)
   tokenizer = sentencepiece.SentencePieceProcessor(
       model_file=os.path.join(hf_dir, "tokenizer.model"))

@@ -154,7 +154,7 @@ def test_eval_and_infer_read_the_bucket_and_write_their_results_there(
     storage.write_text(f"{model_dir}/prompts.jsonl",
                        '{"inputs": "The list type is a"}\n{"inputs": "Raises ValueError"}\n')
     infer = [sys.executable, "-m", "launch.infer", "--gin_file=tests/configs/tiny_run.gin",
-             "--batch_size=2", "--gin.decoding.DecodeConfig.max_decode_length=6"]
+             "--batch_size=2", "--gin.decode.DecodeConfig.max_decode_length=6"]
     run(infer + [f"--gin.MODEL_DIR='{model_dir}'", f"--input={model_dir}/prompts.jsonl",
                  f"--output={model_dir}/predictions.jsonl"], emulator)
     local_prompts = tmp_path / "prompts.jsonl"
