@@ -11,26 +11,13 @@ shuffle, span-corruption masks) is seeded from `seed` and the shard index, so th
 
 Resuming: each shard iterator can say where it is (`position()`, bytes), and
 `iterator(position=...)` continues from exactly there. The position is the tf.data
-iterator's own saved state (`SerializeIterator`, as T5X checkpoints its input
-iterator; data/iterator_state.py), compressed, behind a small JSON header that
-names the pipeline it belongs to. Why this design:
-  * it is exact for every seqio task, mixture and source (files, TFDS, caches),
-    because tf.data restores each stage's real state: file offsets, the shuffle
-    buffer and its RNG, span-corruption seeds, the packing window, the prefetch
-    buffer. The stream of a run that never resumes is unchanged.
-  * restoring reads the saved buffers and seeks the files: its cost does not depend
-    on the step (the RNGs are restored by skipping their counters, not by replay).
-    An index-based pipeline (step -> example ids, as Levanter and Grain do) would
-    give a position of a few bytes, but needs random access into a pre-tokenized
-    corpus and a different shuffle, i.e. a different data stream for every run.
-  * the cost is the position's size: it holds the shuffle buffer (1000 examples) and
-    seqio's packing window (up to max(length) examples), about 3.2 MB per shard
-    compressed at 512/114, whatever the step (benchmarks/RESULTS.md, "Resume"), and
-    0.5-1 s to serialize at each checkpoint. Tokens cached in memory are a constant
-    of the pipeline, not part of the position (user_tasks).
-A position from a different pipeline (other task, lengths, seed, batch or shards) or
-an unreadable one is never applied: the iterator then replays `start_step` batches
-from the start (exact, but its cost grows with the step), saying so in the log.
+iterator's own saved state (as T5X checkpoints its input iterator;
+data/iterator_state.py), compressed, behind a JSON header naming its pipeline. It is
+exact for every task, mixture and source, and restoring it costs the same at any
+step; the price is its size (the shuffle buffer and packing window: benchmarks/
+RESULTS.md, "Resume"). A position from another pipeline (task, lengths, seed, batch,
+shards) or an unreadable one is never applied: the shard replays `start_step`
+batches instead (exact, slower with the step), and the log says so.
 
 Feature converters (`feature_converter`, described in converters.py): 'enc_dec'
 (T5), 'lm' (decoder-only causal LM, targets-only tasks) and 'prefix_lm' (decoder-only
@@ -38,9 +25,7 @@ prefix LM); all pack with segment ids/positions as seqio does. Before the first 
 each task is checked to yield data on this shard, so an empty or all-bad source fails
 with a message instead of hanging in an endless repeat of nothing.
 
-Throughput on 2 shared cores: see benchmarks/RESULTS.md ("Data pipeline"); about
-2,000 packed 512/114 span-corruption sequences/s with the bundled tasks' in-memory
-cache of tokenized documents, ~630/s without it.
+Throughput: benchmarks/RESULTS.md, "Data pipeline".
 """
 
 from __future__ import annotations
