@@ -58,7 +58,7 @@ TINY, TEXT = "tests/configs/tiny_run.gin", "tests/configs/tiny_text_run.gin"
 # name: (gin file, flags, what the line must say); {tmp} is a scratch folder.
 BAD_INPUT = {
     "wrong-typed binding": (TINY, ["--gin.TRAIN_STEPS='ten'"],
-                            ["train.train.train_steps is 'ten' (a str); it must be an int"]),
+                            ["gin binding train_loop.train.train_steps is 'ten' (a str); it must be an int"]),
     "wrong-typed run field": (TINY, ["--gin.BATCH_SIZE='4'"],
                               ["run_config.RunConfig.batch_size is '4'", "write 4, not '4'"]),
     "quoted number": (TINY, ["--gin.train_loop.train.checkpoint_every_steps='5'"],

@@ -31,7 +31,8 @@ class ArgumentTypeError(errors.ConfigError, TypeError):
 
 def check(fn_or_cls: Callable[..., Any], values: Mapping[str, Any]) -> None:
     """Raises ArgumentTypeError for the first value that does not fit its annotation."""
-    selector = f"{fn_or_cls.__module__}.{fn_or_cls.__qualname__}"
+    # The name gin files use: the module as they import it, then the function.
+    selector = f"{fn_or_cls.__module__.rpartition('.')[2]}.{fn_or_cls.__qualname__}"
     for name, value in values.items():
         hint = _annotation(fn_or_cls, name)
         if hint is not None and not _fits(value, hint):
