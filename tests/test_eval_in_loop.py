@@ -6,6 +6,7 @@ import signal
 
 import jax
 import numpy as np
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from launch_helpers import (EVAL_ON, checkpoint_steps, logged_losses, run_train,
@@ -45,6 +46,7 @@ def test_eval_on_changes_no_training_loss_and_writes_eval_metrics(eval_run, stra
     assert not os.path.exists(os.path.join(straight_run, "eval"))     # off by default
 
 
+@pytest.mark.slow   # a minute; SIGKILL bit-exactness without eval stays in the default suite
 def test_sigkill_and_resume_with_eval_on_is_bit_exact(tmp_path, eval_run, straight_run):
     model_dir = str(tmp_path)
     proc = start_train(model_dir, "--gin.TRAIN_STEPS=6",

@@ -42,6 +42,7 @@ def greedy_predictions(model_dir, pretrained, step, examples):
     return expected_predictions(run.model, params, examples, vocabulary)
 
 
+@pytest.mark.slow   # the whole fine-tune story end to end, ~50 s; its parts have fast tests
 def test_finetune_from_our_checkpoint_then_score_the_task_metrics(tmp_path, straight_run):
     model_dir = str(tmp_path)
     pretrained = f"{straight_run}/checkpoints"

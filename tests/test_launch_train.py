@@ -46,8 +46,10 @@ def test_decoder_only_objectives_train_through_the_entry_point(tmp_path, objecti
     assert checkpoint_steps(str(tmp_path)) == [1, 2]
 
 
-@pytest.mark.parametrize("impl,reason", [("cudnn", "cudnn needs a GPU"),
-                                         ("splash", "splash attention needs a TPU")])
+@pytest.mark.parametrize("impl,reason", [
+    ("cudnn", "cudnn needs a GPU"),
+    # The same console path; a training run each, so the second waits for the slow pass.
+    pytest.param("splash", "splash attention needs a TPU", marks=pytest.mark.slow)])
 def test_a_kernel_the_machine_lacks_is_one_console_line_naming_what_runs(tmp_path, impl,
                                                                          reason):
     """On CPU the requested kernel falls back to xla in every layer and trace; the
