@@ -45,7 +45,7 @@ def one_process_8_devices(tmp_path_factory):
     return logged_losses(model_dir)
 
 
-@pytest.mark.slow      # 5-6 minutes of the default suite; CI runs it in the slow pass
+@pytest.mark.slow      # the default suite's longest test (343 s, shared machine)
 def test_two_processes_match_one_and_their_checkpoints_restore_in_one(
         tmp_path, one_process_8_devices):
     model_dir = str(tmp_path)

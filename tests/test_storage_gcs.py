@@ -252,8 +252,9 @@ def test_two_processes_write_one_checkpoint_in_the_bucket(emulator, tmp_path):
 
 
 def test_a_hugging_face_directory_in_the_bucket_imports_as_from_disk(emulator, tmp_path):
-    """PRETRAINED_DIR / --hf_checkpoint in a bucket: config, tensors (bf16 too, read
-    by byte ranges) and tokenizer equal the same directory on disk."""
+    """A Hugging Face export written straight into a bucket is byte-equal to one on
+    disk, and PRETRAINED_DIR / --hf_checkpoint there reads config, tensors (bf16 too,
+    by byte ranges) and tokenizer equal to the same directory on disk."""
     import flax.linen as nn
     import ml_dtypes
 
@@ -272,9 +273,12 @@ def test_a_hugging_face_directory_in_the_bucket_imports_as_from_disk(emulator, t
     with open(os.path.join(local, "tokenizer.model"), "wb") as f:
         f.write(vocab)
     url = f"gs://{BUCKET}/hf_llama"
-    for name in os.listdir(local):
+    llama.export_checkpoint(params, config, url, dtype=ml_dtypes.bfloat16)   # straight there
+    storage.path(url, "tokenizer.model").write_bytes(vocab)
+    assert sorted(storage.list_dir(url)) == sorted(os.listdir(local))
+    for name in os.listdir(local):      # the export writes the same bytes to either place
         with open(os.path.join(local, name), "rb") as f:
-            storage.path(url, name).write_bytes(f.read())
+            assert storage.path(url, name).read_bytes() == f.read(), name
 
     reader = safetensors_io.SafetensorsReader(url)
     assert reader.keys() == safetensors_io.SafetensorsReader(local).keys()

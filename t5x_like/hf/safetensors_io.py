@@ -11,7 +11,6 @@ and byte offsets, then the raw little-endian data), so nothing is copied to disk
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -117,21 +116,21 @@ def read_generation_config(directory: str) -> dict[str, Any]:
 
 
 def write_generation_config(directory: str, config: Mapping[str, Any]) -> None:
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, GENERATION_CONFIG_FILE), 'w') as f:
-        json.dump(dict(config), f, indent=2, sort_keys=True)
+    storage.write_text(storage.join(directory, GENERATION_CONFIG_FILE),
+                       json.dumps(dict(config), indent=2, sort_keys=True))
 
 
 def write_checkpoint(directory: str, config: Mapping[str, Any],
                      tensors: Mapping[str, np.ndarray]) -> None:
-    """config.json + model.safetensors (metadata format 'pt', as transformers expects)."""
-    from safetensors.numpy import save_file
+    """config.json + model.safetensors (metadata format 'pt', as transformers expects),
+    in a local folder or a bucket (storage.py)."""
+    from safetensors.numpy import save
 
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
-        json.dump(dict(config), f, indent=2, sort_keys=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-              os.path.join(directory, SINGLE_FILE), metadata={'format': 'pt'})
+    storage.write_text(storage.join(directory, CONFIG_FILE),
+                       json.dumps(dict(config), indent=2, sort_keys=True))
+    with storage.open_file(storage.join(directory, SINGLE_FILE), 'wb') as f:
+        f.write(save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                     metadata={'format': 'pt'}))
 
 
 def place(array: np.ndarray, sharding: jax.sharding.Sharding | None, dtype) -> jax.Array:

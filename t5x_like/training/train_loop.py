@@ -138,7 +138,8 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
 
     # ----------------------------------------------------------- the loop
     train_step = run.jitted_train_step(partitioner, layout, feature_lengths)
-    step_log = _StepLog(run=run, model_dir=model_dir, start=start, train_steps=train_steps,
+    step_log = _StepLog(run=run, feature_lengths=feature_lengths, model_dir=model_dir,
+                        start=start, train_steps=train_steps,
                         peak_flops_per_device=peak_flops_per_device, write=is_lead_host)
     guard = nonfinite.NonFiniteGuard(policy=on_nonfinite_loss, checkpointer=checkpointer,
                                      max_consecutive=max_consecutive_skipped_steps)
@@ -193,9 +194,10 @@ class _StepLog:
     so resuming never splits one.
     """
 
-    def __init__(self, *, run: RunConfig, model_dir: str, start: resume.Start,
-                 train_steps: int, peak_flops_per_device: float | None, write: bool):
-        flops = run.model.training_flops_per_step(feature_lengths=run.feature_lengths(),
+    def __init__(self, *, run: RunConfig, feature_lengths: Mapping[str, int],
+                 model_dir: str, start: resume.Start, train_steps: int,
+                 peak_flops_per_device: float | None, write: bool):
+        flops = run.model.training_flops_per_step(feature_lengths=feature_lengths,
                                                   batch_size=run.batch_size)
         peak = peak_flops_per_device or device_peaks.peak_bf16_flops(
             jax.devices()[0].device_kind)
