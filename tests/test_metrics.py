@@ -1,5 +1,6 @@
 import dataclasses
 import functools
+import logging
 import math
 import os
 
@@ -133,3 +134,54 @@ def test_interval_means_leave_out_dropped_steps():
     assert resumed.means() == means
     interval.reset()
     assert interval.sums() == {}
+
+
+_ORDER: list[tuple[str, int]] = []     # what the loop did, in order (the test below)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _RecordedSource(PaddedSource):
+    def batch(self, *, step, shard_index, batch_size):
+        _ORDER.append(("batch for step", step + 1))
+        return super().batch(step=step, shard_index=shard_index, batch_size=batch_size)
+
+
+class _ProgressLines(logging.Handler):
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("step "):
+            _ORDER.append(("line of step", int(message.split()[1].split("/")[0])))
+
+
+def test_a_log_point_is_written_after_the_next_step_is_dispatched(tmp_path):
+    """At log_every_steps=1 the loop reads step N's metrics only after it has pulled
+    step N+1's batch and dispatched it, so the device is never idle while the host
+    formats and writes a log point; the values logged are those of log_every=1
+    before (test above)."""
+    _ORDER.clear()
+    handler, logger = _ProgressLines(), logging.getLogger("t5x_like")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        config = t5.T5Config(vocab_size=128, emb_dim=32, num_heads=2, head_dim=16,
+                             mlp_dim=64, num_encoder_layers=1, num_decoder_layers=1)
+        result = train_loop.train(
+            run=run_config.RunConfig(
+                model=t5.EncoderDecoderModel(config=config),
+                train_data=_RecordedSource(encoder_length=16, decoder_length=8,
+                                           vocab_size=128),
+                partitioner=functools.partial(partitioning.Partitioner,
+                                              devices=jax.devices()[:1]),
+                optimizer=optimizers.adafactor(
+                    learning_rate=optimizers.rsqrt_schedule(warmup_steps=10)),
+                batch_size=4),
+            model_dir=str(tmp_path), train_steps=4, checkpoint_every_steps=100,
+            log_every_steps=1, async_checkpointing=False)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert sorted(result.losses) == [1, 2, 3, 4]
+    assert _ORDER == [("batch for step", 1), ("batch for step", 2), ("line of step", 1),
+                      ("batch for step", 3), ("line of step", 2),
+                      ("batch for step", 4), ("line of step", 3), ("line of step", 4)]

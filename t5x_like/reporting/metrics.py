@@ -105,7 +105,8 @@ class IntervalMeans:
         left out of every mean (an interval of only such steps averages to NaN).
       anything else (grad_norm, param_norm, target_tokens): the mean over steps.
     The sums stay on device, float32, one small jitted add per step, so the host
-    never waits for a step; `means()` reads them once per log point.
+    never waits for a step; a log point takes a `snapshot()` (its copy to the host
+    starts at once) and reads it after the next step is dispatched.
 
     Checkpoints carry an unfinished interval's sums (`sums()`, restored through
     `IntervalMeans(sums=...)`), so a run resumed mid-interval logs at the end of
@@ -122,14 +123,37 @@ class IntervalMeans:
         self._sums = _accumulate(start, dict(step_metrics))
         self._pending = True
 
+    def snapshot(self) -> IntervalSnapshot:
+        """The sums so far, left on device; their copy to the host has begun."""
+        return IntervalSnapshot(self._sums if self._pending else {})
+
     def sums(self) -> dict[str, float]:
         """The interval's sums as host floats ({} right after a reset), for a checkpoint."""
-        if not self._pending:
-            return {}
+        return self.snapshot().sums()
+
+    def means(self) -> dict[str, float]:
+        """The interval's averages (waits for the last step added)."""
+        return self.snapshot().means()
+
+    def reset(self) -> None:
+        self._sums, self._pending = {}, False
+
+
+class IntervalSnapshot:
+    """An interval's sums at one step, read when wanted: `means()` waits only for
+    the steps in it, so a loop that dispatches the next step first never idles the
+    device to log."""
+
+    def __init__(self, device_sums: Mapping[str, jax.Array | float]):
+        self._sums = dict(device_sums)
+        for value in self._sums.values():
+            if isinstance(value, jax.Array):
+                value.copy_to_host_async()
+
+    def sums(self) -> dict[str, float]:
         return {name: float(value) for name, value in jax.device_get(self._sums).items()}
 
     def means(self) -> dict[str, float]:
-        """The interval's averages (reads the device once)."""
         sums = self.sums()
         steps, tokens = sums.pop(_STEPS, 0.0), sums.pop(_TOKENS, 0.0)
         out = {}
@@ -140,9 +164,6 @@ class IntervalMeans:
                 count = tokens if name in TOKEN_WEIGHTED else steps
                 out[name] = total / count if count else math.nan
         return out
-
-    def reset(self) -> None:
-        self._sums, self._pending = {}, False
 
 
 def format_duration(seconds: float) -> str:

@@ -157,6 +157,7 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
             step_log.add(step_metrics)             # on device: the host does not wait
             step += 1
             guard.observe(step, step_metrics)      # checks the previous step: no stall
+            step_log.write_pending()               # the previous log point, read now
             checkpointer.raise_if_save_failed()    # a failed background write, now
             preempted = watcher.should_stop(step)
             is_last = step == train_steps
@@ -164,16 +165,19 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
                 step_log.emit(step, closes_interval=step % log_every_steps == 0)
             if is_last or preempted or step % checkpoint_every_steps == 0:
                 guard.flush()                      # never save past an unchecked step
+                step_log.write_pending()           # nor before its log point
                 checkpointer.save(step, state, data_position={
                     **data_position, "step": step, resume.INTERVAL_SUMS: step_log.open_sums()},
                     shard_positions=batches.positions() if block.leads else {},
                     num_data_shards=num_data_shards)
             if evaluator and not preempted and (is_last or step % eval_every_steps == 0):
+                step_log.write_pending()
                 evaluator.evaluate(step, state.params)
             if preempted:
                 log.warning("Preempted (SIGTERM): saved step %d; exiting cleanly. Rerun "
                             "the same command to resume.", step)
         guard.flush()
+        step_log.write_pending()
     finally:
         guard.log_summary()
         watcher.close()
@@ -191,7 +195,10 @@ class _StepLog:
 
     Logged values average the steps since the last multiple of log_every_steps
     (metrics.IntervalMeans); an unfinished interval's sums go into each checkpoint,
-    so resuming never splits one.
+    so resuming never splits one. A log point is written one step late: `emit`
+    takes the interval's sums while its step runs, `write_pending` reads them after
+    the next step is dispatched, so logging every step never leaves the device idle
+    while the host formats and writes (RESULTS.md, "The launcher against the step").
     """
 
     def __init__(self, *, run: RunConfig, feature_lengths: Mapping[str, int],
@@ -209,6 +216,7 @@ class _StepLog:
             else start.saved_data.get(resume.INTERVAL_SUMS))
         self._writer = metrics_lib.TensorBoardWriter(
             logdir=run_dir.train_events(model_dir)) if write else None
+        self._pending: tuple[int, metrics_lib.IntervalSnapshot] | None = None
         self.losses: dict[int, float] = {}   # step -> loss at every logged step
 
     def add_tokens(self, count: int) -> None:
@@ -218,10 +226,18 @@ class _StepLog:
         self._interval.add(step_metrics)
 
     def emit(self, step: int, *, closes_interval: bool) -> None:
-        """Logs the interval's means; a last step off the interval leaves it open."""
-        host_metrics = self._interval.means()
+        """Makes `step` a log point; a last step off the interval leaves it open."""
+        self.write_pending()
+        self._pending = (step, self._interval.snapshot())
         if closes_interval:
             self._interval.reset()
+
+    def write_pending(self) -> None:
+        """Writes the log point taken last, waiting for its step if still running."""
+        if self._pending is None:
+            return
+        (step, snapshot), self._pending = self._pending, None
+        host_metrics = snapshot.means()
         self.losses[step] = host_metrics["loss"]
         rates = self._progress.tick(step)
         log.info(self._progress.line(step, host_metrics, rates))
@@ -232,6 +248,12 @@ class _StepLog:
         return self._interval.sums()
 
     def close(self) -> None:
+        """Writes a log point still pending (the step that stopped a run with a
+        NaN still gets its line); then closes the event file."""
+        try:
+            self.write_pending()
+        except Exception as e:  # noqa: BLE001 - an error is already on its way out
+            log.debug("log point not written on the way out: %s", e)
         if self._writer:
             self._writer.close()
 
