@@ -165,6 +165,30 @@ def test_shards_and_seeds_change_batches():
                               first(shard_index=0, num_shards=2, seed=1)["encoder_input_tokens"])
 
 
+def test_thread_count_changes_speed_never_batches(monkeypatch):
+    """The default pool follows the cores this process may use (2..32), and any pool
+    size yields the same batches, so a run resumed on another host streams on."""
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(2)))
+    assert pipeline.default_threads() == 2
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(96)))
+    assert pipeline.default_threads() == 24
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(240)))
+    assert pipeline.default_threads() == 32
+    batches = {}
+    for threads in (None, 1, 8):
+        source = SeqioDataSource(mixture_or_task_name=TASK, task_feature_lengths=LENGTHS,
+                                 threads=threads)
+        batches[threads] = _take(source.iterator(per_host_batch_size=4, shard_index=0,
+                                                 num_shards=1, start_step=0), 3)
+        assert source.stream_identity() == SeqioDataSource(
+            mixture_or_task_name=TASK, task_feature_lengths=LENGTHS).stream_identity()
+    for threads in (1, 8):
+        for got, want in zip(batches[threads], batches[None]):
+            assert got.keys() == want.keys()
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key])
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match=r"did you mean \['pydocs_span_corruption'"):
         SeqioDataSource(mixture_or_task_name="pydocs_span_corupt",

@@ -35,6 +35,7 @@ import difflib
 import functools
 import json
 import logging
+import os
 from typing import Any, Mapping
 
 import numpy as np
@@ -71,6 +72,16 @@ def configure_tensorflow() -> None:
         tf.config.threading.set_intra_op_parallelism_threads(1)
     except RuntimeError as e:
         log.warning("could not limit TensorFlow threads: %s", e)
+
+
+def default_threads() -> int:
+    """tf.data threads per pipeline when none are set: a quarter of this process's
+    cores, 2 to 32. On a 2-core machine the pipeline needs about 1% of a core for the
+    default run, and 1 or 2 threads or no pipeline at all step at the same speed
+    (RESULTS.md); an accelerator host, whose cores the step leaves free, gets more."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    return min(32, max(2, cores // 4))
 
 
 def _registered_names() -> list[str]:
@@ -198,9 +209,11 @@ class SeqioDataSource:
     """A seqio task/mixture as endless, shardable iterators that resume exactly.
 
     threads / prefetch_batches: the tf.data thread pool of each shard's pipeline and
-    the batches it prepares ahead. They change speed, never the batches. Defaults
-    suit 2 cores (the pipeline is bound by sequential stages there); see
-    benchmarks/RESULTS.md ("Data pipeline") for throughput at 2 and 8 threads.
+    the batches it prepares ahead. They change speed, never the batches. `threads`
+    defaults to a quarter of the cores this process may run on, at least 2 and at
+    most 32 (`default_threads`); see benchmarks/RESULTS.md ("Data pipeline" for
+    throughput at 2 and 8 threads, "The launcher against the step" for why the
+    pipeline does not slow the step on 2 cores).
     """
 
     mixture_or_task_name: str
@@ -211,7 +224,7 @@ class SeqioDataSource:
     pack: bool = True
     use_cached: bool = False
     feature_converter: str = "enc_dec"
-    threads: int = 2
+    threads: int | None = None
     prefetch_batches: int = 2
 
     def __post_init__(self):
@@ -222,7 +235,7 @@ class SeqioDataSource:
                     f"task_feature_lengths[{key!r}] is {length!r}, not a positive int",
                     fix="correct TASK_FEATURE_LENGTHS (e.g. {'inputs': 512, "
                     "'targets': 114})")
-        if self.threads < 1 or self.prefetch_batches < 0:
+        if (self.threads is not None and self.threads < 1) or self.prefetch_batches < 0:
             raise errors.ConfigError(
                 f"SeqioDataSource threads={self.threads} and prefetch_batches="
                 f"{self.prefetch_batches}", fix="use threads >= 1 and prefetch_batches >= 0")
@@ -326,7 +339,7 @@ class SeqioDataSource:
         ds = ds.map(lambda b: {k: tf.cast(v, tf.int32) for k, v in b.items()})
         options = tf.data.Options()
         options.deterministic = True
-        options.threading.private_threadpool_size = self.threads
+        options.threading.private_threadpool_size = self.threads or default_threads()
         return ds.with_options(options).prefetch(self.prefetch_batches)
 
     def stream_identity(self) -> dict[str, Any]:
