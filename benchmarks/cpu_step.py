@@ -261,8 +261,10 @@ def print_table(results: dict) -> None:
                         verdict += f", {'met' if ok else 'MISSED'} <= {goal[1]} GiB"
                 if way != 'step' and code in step_way:
                     ratio = s['mean_step_s'] / step_way[code]['mean_step_s']
-                    verdict = (f"{ratio:.3f}x step; losses "
-                               f"{_losses_agree(s['losses'], step_way[code]['losses'])}")
+                    verdict = f"{ratio:.3f}x step"
+                    if way == 'launch@1':       # a one-step interval: the step's loss
+                        verdict += (f"; losses "
+                                    f"{_losses_agree(s['losses'], step_way[code]['losses'])}")
                 mem = s.get('memory_analysis')
                 args = f"{_gib(mem['arguments']):>6.2f}Gi" if mem else f"{'':>8}"
                 temps = f"{_gib(mem['temporaries']):>6.2f}Gi" if mem else f"{'':>8}"
