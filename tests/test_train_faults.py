@@ -93,6 +93,10 @@ def test_nan_halts_naming_the_step_and_the_last_good_checkpoint(tmp_path):
     assert "rerun to resume from that checkpoint" in error.value.fix
     assert checkpoint_steps(str(tmp_path)) == [1, 2, 3, 4]
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved_params(str(tmp_path), 4)))
+    # The step that stopped the run still has its point (written on the way out:
+    # log points are written one step late).
+    losses = logged_losses(str(tmp_path))
+    assert sorted(losses) == [1, 2, 3, 4, 5] and np.isnan(losses[5])
 
 
 def test_nan_skip_update_leaves_the_state_untouched_and_goes_on(tmp_path):

@@ -76,8 +76,8 @@ def configure_tensorflow() -> None:
 
 def default_threads() -> int:
     """tf.data threads per pipeline when none are set: a quarter of this process's
-    cores, 2 to 32. On a 2-core machine the pipeline needs about 1% of a core for the
-    default run, and 1 or 2 threads or no pipeline at all step at the same speed
+    cores, 2 to 32. On a 2-core machine the default run asks for about 1% of what 2
+    threads produce, and 1 or 2 threads or no pipeline at all step at the same speed
     (RESULTS.md); an accelerator host, whose cores the step leaves free, gets more."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
         os.cpu_count() or 1)
