@@ -14,7 +14,7 @@ import pathlib
 import t5x_like
 
 # Ground floor first. The foundation is the four top-level modules every stage uses.
-STAGES = ("foundation", "config", "models", "data", "parallel", "reporting", "hf",
+STAGES = ("foundation", "config", "models", "finetuning", "data", "parallel", "reporting", "hf",
           "checkpointing", "decoding", "evaluation", "training", "launch")
 FOUNDATION = {"errors", "storage", "run_dir", "tree_paths"}
 PACKAGE_ROOT = pathlib.Path(t5x_like.__file__).parent

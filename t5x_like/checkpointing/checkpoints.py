@@ -1,6 +1,7 @@
 """Every Orbax call in the project lives here, so an Orbax API move costs one file.
 
-A checkpoint holds four items: `state` (the sharded TrainState), `data` (a small
+A checkpoint holds four items (five in an adapter run, whose `base_model` records
+which frozen base its adapters belong to): `state` (the sharded TrainState), `data` (a small
 JSON record of the data settings: step, global batch, seed, number of data shards),
 `data_positions` (one file per data shard: where that shard's input pipeline
 is, so a resumed run continues it in constant time and sees the batches an
@@ -77,6 +78,9 @@ class CheckpointRestoreError(errors.RunError, RuntimeError):
 
 DATA_POSITIONS = "data_positions"
 INTEGRITY = "integrity"
+# An adapter run's frozen base: where it came from and its fingerprint
+# (checkpointing/base_model.py); its arrays are not in the checkpoint.
+BASE_MODEL = "base_model"
 
 
 def _shard_file(shard: int, num_shards: int) -> str:
@@ -117,7 +121,17 @@ def item_handlers(state_handler: ocp.CheckpointHandler | None = None) -> dict:
     return {"state": state_handler or ocp.StandardCheckpointHandler(),
             "data": ocp.JsonCheckpointHandler(),
             DATA_POSITIONS: ShardPositionsHandler(),
-            INTEGRITY: ocp.JsonCheckpointHandler()}
+            INTEGRITY: ocp.JsonCheckpointHandler(),
+            BASE_MODEL: ocp.JsonCheckpointHandler()}
+
+
+def _read_json_item(manager: ocp.CheckpointManager, directory: str, step: int,
+                    item: str) -> dict | None:
+    """A small JSON item of `step`, or None when the checkpoint has none."""
+    if not (epath.Path(directory) / str(step) / item).exists():
+        return None
+    return dict(manager.restore(step, args=ocp.args.Composite(
+        **{item: ocp.args.JsonRestore()}))[item])
 
 
 @dataclasses.dataclass
@@ -134,6 +148,15 @@ def committed_steps(directory: str) -> list[int]:
     """Steps whose checkpoint is complete in `directory` (a read-only listing, safe
     from any thread)."""
     return sorted(ocp.path.step.checkpoint_steps(storage.resolve(directory)))
+
+
+def latest_committed_step(directory: str) -> int | None:
+    """The newest complete step in `directory`; None if it has none (or is missing)."""
+    try:
+        steps = committed_steps(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return steps[-1] if steps else None
 
 
 class Checkpointer:
@@ -185,11 +208,13 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, *, data_position: dict,
              shard_positions: Mapping[int, bytes] | None = None,
-             num_data_shards: int | None = None) -> None:
+             num_data_shards: int | None = None,
+             base_model: Mapping[str, Any] | None = None) -> None:
         """Starts an async save of `state` and the data position at `step`.
 
         `shard_positions`: {shard: position} of the data shards this process owns
-        (out of `num_data_shards`), saved alongside. An error of the previous async
+        (out of `num_data_shards`), saved alongside. `base_model`: an adapter run's
+        record of its frozen base (checkpointing/base_model.py). An error of the previous async
         save is raised first, naming that save's step (CheckpointWriteError);
         `raise_if_save_failed` raises it as soon as the save has ended.
         """
@@ -199,6 +224,8 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state),
                  "data": ocp.args.JsonSave(data_position),
                  INTEGRITY: ocp.args.JsonSave(fingerprints)}
+        if base_model is not None:
+            items[BASE_MODEL] = ocp.args.JsonSave(dict(base_model))
         if shard_positions is not None:
             items[DATA_POSITIONS] = ShardPositionsSave(positions=dict(shard_positions),
                                                        num_shards=num_data_shards)
@@ -312,6 +339,10 @@ class Checkpointer:
             DATA_POSITIONS: ShardPositionsRestore(shards=list(shards),
                                                   num_shards=num_data_shards)}))
         return dict(restored[DATA_POSITIONS])
+
+    def read_base_model(self, step: int) -> dict | None:
+        """An adapter run's record of its frozen base at `step`; None in a full run."""
+        return _read_json_item(self._manager, self.directory, step, BASE_MODEL)
 
     def read_state(self, step: int) -> Any:
         """The saved state as a tree of arrays on one device, for inspection/export."""
@@ -502,6 +533,10 @@ class CheckpointReader:
                                          restore_args={"params": restore_args},
                                          partial_restore=True)))
         return restored.state["params"]
+
+    def read_base_model(self, step: int) -> dict | None:
+        """An adapter run's record of its frozen base at `step`; None in a full run."""
+        return _read_json_item(self._manager, self.directory, step, BASE_MODEL)
 
     def _state_metadata(self, step: int) -> dict[str, Any]:
         return tree_paths.flatten(self._manager.item_metadata(step)["state"])

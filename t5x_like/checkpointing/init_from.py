@@ -62,6 +62,14 @@ class InitFrom:
         return ours
 
 
+def resolved_step(init_from: InitFrom) -> int | None:
+    """The step `init_from` reads: its own, or the directory's latest now (None for a
+    Hugging Face directory, which has no steps)."""
+    if init_from.step is not None or is_hugging_face_dir(init_from.directory):
+        return init_from.step
+    return checkpoints.latest_committed_step(storage.resolve(init_from.directory))
+
+
 def restore_params_from(init_from: InitFrom, *, abstract_params: Any, fresh_params: Any
                         ) -> Any:
     """Returns `fresh_params` with every parameter found in the checkpoint replaced.

@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from t5x_like import run_dir, storage
-from t5x_like.checkpointing import checkpoints, init_from
+from t5x_like.checkpointing import base_model, checkpoints
 from t5x_like.decoding import decode
 from t5x_like.parallel import partitioning
 from t5x_like.parallel import params_layout
@@ -217,9 +217,13 @@ def from_run(*, model_dir: str, checkpoint: str | None, run: Any) -> Source:
 
     def load():
         target = abstract_params(run.model, partitioner)
-        return run.model, init_from.restore_params_from(
-            init_from.InitFrom(directory=directory, step=step), abstract_params=target,
-            fresh_params=target)
+        reader = checkpoints.CheckpointReader(directory)
+        try:        # an adapter run's checkpoint: its adapters on their recorded base
+            return run.model, base_model.restore_model_params(
+                reader, step, trainable_pattern=run.model.trainable_pattern,
+                abstract_params=target)
+        finally:
+            reader.close()
     return Source(name=f"{model_dir} step {step}", partitioner=partitioner,
                   layout=PromptLayout(converter=converter),
                   codec=TextCodec(tokenizer=vocabulary, eos_id=vocabulary.eos_id,

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from t5x_like import run_dir, storage
-from t5x_like.checkpointing import checkpoints
+from t5x_like.checkpointing import base_model, checkpoints
 from t5x_like.evaluation import teacher_forced
 from t5x_like.reporting import metrics as metrics_lib
 from t5x_like.evaluation import predictions
@@ -154,15 +154,18 @@ class StepEvaluator:
                  predictor: predictions.Predictor, num_examples: int | None):
         partitioner = run.partitioner()
         layout = run.state_layout(partitioner, run.feature_lengths())
-        self.abstract_params = layout.abstract_with_shardings().params
+        self.abstract_params = layout.model_params.abstract_with_shardings()
+        self.trainable_pattern = run.model.trainable_pattern
+        self.loaded_bases: dict[str, Any] = {}     # an adapter run's frozen base, once
         self._teacher_forced = teacher_forced.evaluator_for_run(
-            run=run, partitioner=partitioner, param_shardings=layout.shardings.params,
+            run=run, partitioner=partitioner,
+            param_shardings=layout.model_params.shardings,
             num_batches=eval_batches, logdir=None, split=split)
         self._scorer = (run.train_data.prediction_metrics(split=split,
                                                           num_examples=num_examples)
                         if hasattr(run.train_data, "prediction_metrics") else None)
         bound = dict(model=run.model, partitioner=partitioner,
-                     param_shardings=layout.shardings.params)
+                     param_shardings=layout.model_params.shardings)
         scorer = self._scorer
         self._predict = (predictor.bind(**bound, max_decode_length=scorer.max_target_length)
                          if scorer and scorer.needs_predictions else None)
@@ -252,8 +255,10 @@ def evaluate_checkpoints(*, run: Any, model_dir: str, checkpoint: str | int = "l
             for step in _as_on_process_0(_steps_to_evaluate(mode, available,
                                                              records.done())):
                 try:
-                    params = reader.restore_params(
-                        step, abstract_params=evaluator.abstract_params)
+                    params = base_model.restore_model_params(
+                        reader, step, trainable_pattern=evaluator.trainable_pattern,
+                        abstract_params=evaluator.abstract_params,
+                        loaded_bases=evaluator.loaded_bases)
                 except Exception:
                     if not watch or step in reader.steps():
                         raise

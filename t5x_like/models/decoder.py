@@ -329,19 +329,21 @@ class DecoderOnlyModel(trainable.TrainableLM):
     def init_params(self, rng: Array, *, batch_size: int, decoder_length: int):
         """Boxed (nn.LogicallyPartitioned) params; cheap under jax.eval_shape."""
         tokens = jnp.ones((batch_size, decoder_length), jnp.int32)
-        return self.module.init({'params': rng}, tokens, enable_dropout=False)['params']
+        with self.adapted():
+            return self.module.init({'params': rng}, tokens, enable_dropout=False)['params']
 
     def logits(self, params, batch: Mapping[str, Array], *, dropout_rng: Array | None = None):
         rngs = {'dropout': dropout_rng} if dropout_rng is not None else {}
-        return self.module.apply(
-            {'params': params},
-            batch['decoder_input_tokens'],
-            decoder_segment_ids=batch.get('decoder_segment_ids'),
-            decoder_positions=batch.get('decoder_positions'),
-            decoder_causal_attention=batch.get('decoder_causal_attention'),
-            enable_dropout=dropout_rng is not None,
-            rngs=rngs,
-        )
+        with self.adapted(enable_dropout=dropout_rng is not None):
+            return self.module.apply(
+                {'params': params},
+                batch['decoder_input_tokens'],
+                decoder_segment_ids=batch.get('decoder_segment_ids'),
+                decoder_positions=batch.get('decoder_positions'),
+                decoder_causal_attention=batch.get('decoder_causal_attention'),
+                enable_dropout=dropout_rng is not None,
+                rngs=rngs,
+            )
 
     # ------------------------------------------------------------ decoding (decoding/decode.py)
 
@@ -364,11 +366,13 @@ class DecoderOnlyModel(trainable.TrainableLM):
             mask = mask | (kv_cache.causal_mask(first_slot_B=first_slot_B, index=width - 1,
                                                 q_len=1, length=length))
         slots_P = jnp.arange(width, dtype=jnp.int32)
-        logits, variables = self._decoder_for_decoding().apply(
-            {'params': params}, tokens_BxP,
-            decoder_positions=slots_P[None, :] - first_slot_B[:, None],
-            enable_dropout=False, cache_write=kv_cache.CacheWrite(index=0, mask_Bx1xQxT=mask),
-            mutable=['cache'])
+        with self.adapted():
+            logits, variables = self._decoder_for_decoding().apply(
+                {'params': params}, tokens_BxP,
+                decoder_positions=slots_P[None, :] - first_slot_B[:, None],
+                enable_dropout=False,
+                cache_write=kv_cache.CacheWrite(index=0, mask_Bx1xQxT=mask),
+                mutable=['cache'])
         state = DecodeState(cache=variables['cache'], first_slot_B=first_slot_B,
                             prompt_width=width, cache_length=length)
         return logits[:, 0], state
@@ -380,9 +384,10 @@ class DecoderOnlyModel(trainable.TrainableLM):
         slot = state.prompt_width + position
         mask = kv_cache.causal_mask(first_slot_B=state.first_slot_B, index=slot, q_len=1,
                                     length=state.cache_length)
-        logits, variables = self._decoder_for_decoding().apply(
-            {'params': params, 'cache': state.cache}, tokens_B[:, None],
-            decoder_positions=(slot - state.first_slot_B)[:, None], enable_dropout=False,
-            cache_write=kv_cache.CacheWrite(index=slot, mask_Bx1xQxT=mask),
-            mutable=['cache'])
+        with self.adapted():
+            logits, variables = self._decoder_for_decoding().apply(
+                {'params': params, 'cache': state.cache}, tokens_B[:, None],
+                decoder_positions=(slot - state.first_slot_B)[:, None], enable_dropout=False,
+                cache_write=kv_cache.CacheWrite(index=slot, mask_Bx1xQxT=mask),
+                mutable=['cache'])
         return logits[:, 0], state.replace(cache=variables['cache'])

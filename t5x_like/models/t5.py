@@ -342,7 +342,8 @@ class EncoderDecoderModel(trainable.TrainableLM):
         """
         enc = jnp.ones((batch_size, encoder_length), jnp.int32)
         dec = jnp.ones((batch_size, decoder_length), jnp.int32)
-        variables = self.module.init({'params': rng}, enc, dec, enable_dropout=False)
+        with self.adapted():
+            variables = self.module.init({'params': rng}, enc, dec, enable_dropout=False)
         return variables['params']
 
     # ------------------------------------------------------------ decoding (decoding/decode.py)
@@ -357,11 +358,12 @@ class EncoderDecoderModel(trainable.TrainableLM):
                    encoded: Array | None) -> tuple[Array, DecodeState]:
         mask = kv_cache.causal_mask(first_slot_B=None, index=slot, q_len=1,
                                     length=state.cache_length)
-        logits, new_vars = self._module_for_decoding().apply(
-            variables, encoded, state.encoder_segments_BxE, tokens_B[:, None],
-            encoder_segment_ids=state.encoder_segments_BxE, enable_dropout=False,
-            cache_write=kv_cache.CacheWrite(index=slot, mask_Bx1xQxT=mask),
-            method=Transformer.decode, mutable=['cache'])
+        with self.adapted():
+            logits, new_vars = self._module_for_decoding().apply(
+                variables, encoded, state.encoder_segments_BxE, tokens_B[:, None],
+                encoder_segment_ids=state.encoder_segments_BxE, enable_dropout=False,
+                cache_write=kv_cache.CacheWrite(index=slot, mask_Bx1xQxT=mask),
+                method=Transformer.decode, mutable=['cache'])
         cache, cross_cache = kv_cache.split_cross_attention(new_vars['cache'])
         return logits[:, 0], state.replace(cache=cache, cross_cache=cross_cache)
 
@@ -371,8 +373,10 @@ class EncoderDecoderModel(trainable.TrainableLM):
         decoder on its start token (id 0), caching the cross-attention keys/values:
         (logits_BxV of the first generated token, state)."""
         tokens_BxE = batch['encoder_input_tokens']
-        encoded = self._module_for_decoding().apply(
-            {'params': params}, tokens_BxE, enable_dropout=False, method=Transformer.encode)
+        with self.adapted():
+            encoded = self._module_for_decoding().apply(
+                {'params': params}, tokens_BxE, enable_dropout=False,
+                method=Transformer.encode)
         state = DecodeState(cache={}, cross_cache={},
                             encoder_segments_BxE=_segments_or_nonpad(None, tokens_BxE),
                             cache_length=max_decode_length)
@@ -390,6 +394,10 @@ class EncoderDecoderModel(trainable.TrainableLM):
     def logits(self, params, batch: Mapping[str, Array], *, dropout_rng: Array | None = None):
         """Teacher-forced float32 logits [B, Ld, vocab] for a batch of seqio features."""
         rngs = {'dropout': dropout_rng} if dropout_rng is not None else {}
+        with self.adapted(enable_dropout=dropout_rng is not None):
+            return self._apply_teacher_forced(params, batch, rngs)
+
+    def _apply_teacher_forced(self, params, batch: Mapping[str, Array], rngs) -> Array:
         return self.module.apply(
             {'params': params},
             batch['encoder_input_tokens'],
@@ -398,6 +406,6 @@ class EncoderDecoderModel(trainable.TrainableLM):
             decoder_segment_ids=batch.get('decoder_segment_ids'),
             encoder_positions=batch.get('encoder_positions'),
             decoder_positions=batch.get('decoder_positions'),
-            enable_dropout=dropout_rng is not None,
+            enable_dropout=bool(rngs),
             rngs=rngs,
         )

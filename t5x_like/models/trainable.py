@@ -9,9 +9,10 @@ and decoding rely on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, ContextManager, Protocol
 
 import jax
 import numpy as np
@@ -48,6 +49,23 @@ class Model(Protocol):
         """(loss summed over the batch's tokens, unnormalised; sums: loss_sum,
         z_loss_sum, accuracy_sum, weight_sum): the trainer divides by weight_sum."""
 
+    @property
+    def trainable_pattern(self) -> str | None:
+        """Regex over parameter paths of what training updates; None: everything
+        (an adapter's parameters only, when the model has one)."""
+
+
+class Adapter(Protocol):
+    """A parameter-efficient method that adds its own parameters to a model's and
+    trains only those (finetuning/lora.py). The model families need no code for it:
+    every `init` and `apply` of the model's module runs inside `applied`."""
+
+    # Regex over parameter paths ('encoder/.../query/lora_a'): what a run trains.
+    trainable_pattern: str
+
+    def applied(self, *, enable_dropout: bool) -> ContextManager[None]:
+        """A context in which the module's layers create and use the adapter."""
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainableLM:
@@ -59,6 +77,20 @@ class TrainableLM:
     label_smoothing: float = 0.0
     # 'tokens' | 'total_tokens' | 'sequences'; see losses.normalized_weights.
     loss_normalization: str = 'tokens'
+    # A parameter-efficient method (e.g. finetuning.lora.LoRA): its parameters are
+    # added to the model's and only they are trained; None trains every parameter.
+    adapter: Adapter | None = None
+
+    @property
+    def trainable_pattern(self) -> str | None:
+        """Regex over parameter paths of what training updates; None: everything."""
+        return None if self.adapter is None else self.adapter.trainable_pattern
+
+    def adapted(self, *, enable_dropout: bool = False) -> ContextManager[None]:
+        """Where the module's `init` and `apply` run: with the adapter, if any."""
+        if self.adapter is None:
+            return contextlib.nullcontext()
+        return self.adapter.applied(enable_dropout=enable_dropout)
 
     @property
     def vocab_size(self) -> int:

@@ -161,6 +161,8 @@ def check_fit(run: run_config.RunConfig, *, devices: Sequence[Any], num_slices: 
     feature_lengths = dict(feature_lengths or run.feature_lengths())
     layout = run.state_layout(partitioner, feature_lengths)
     state = layout.abstract_with_shardings()
+    # An adapter run's step also reads its frozen base.
+    frozen = () if layout.frozen is None else (layout.frozen.abstract_with_shardings(),)
     batch = abstract_batch(feature_lengths, batch_size=run.batch_size,
                            partitioner=partitioner)
     num_devices = partitioner.mesh.devices.size
@@ -169,18 +171,19 @@ def check_fit(run: run_config.RunConfig, *, devices: Sequence[Any], num_slices: 
         mesh=", ".join(f"{k}={v}" for k, v in partitioner.mesh.shape.items()),
         batch_size=run.batch_size,
         batch_per_data_shard=run.batch_size // partitioner.data_shards,
-        num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(layout.abstract.params)),
+        num_params=sum(math.prod(x.shape)
+                       for x in jax.tree.leaves(layout.model_params.abstract)),
         hbm_bytes=hbm_bytes, peak_flops_per_device=peak_flops_per_device,
         model_flops_per_device=run.model.training_flops_per_step(
             feature_lengths=feature_lengths, batch_size=run.batch_size) / num_devices,
-        params_bytes=per_device_bytes(state.params),
+        params_bytes=per_device_bytes(state.params) + per_device_bytes(frozen),
         opt_state_bytes=per_device_bytes(state.opt_state) + per_device_bytes(state.step),
         batch_bytes=per_device_bytes(batch))
 
     jitted = run.jitted_train_step(partitioner, layout, feature_lengths)
     start = time.perf_counter()
     try:
-        compiled = jitted.lower(state, batch).compile()
+        compiled = jitted.lower(state, batch, *frozen).compile()
     except Exception as e:  # noqa: BLE001 - only the compiler's OOM is a verdict
         if not _is_out_of_memory(e):
             raise

@@ -115,6 +115,7 @@ ADAFACTOR_FACTOR_AXES = {
     "mlp": "column", "heads": "column", "kv_heads": "column", "kv": "column",
     "vocab": "column",
     "relpos_buckets": None,
+    "lora_rank": None,      # finetuning/lora.py: an adapter's rank dimension
     "layers": "batch",
 }
 

@@ -13,8 +13,9 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from t5x_like.checkpointing import checkpoints
+from t5x_like.checkpointing import base_model, checkpoints
 from t5x_like.checkpointing.init_from import InitFrom, restore_params_from
+from t5x_like.reporting import param_table
 from t5x_like.training import trainer
 from t5x_like.training.run_config import RunConfig
 
@@ -26,31 +27,56 @@ INTERVAL_SUMS = "log_interval_sums"
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Start:
-    """The state a run starts from, and what its checkpoint said about the data."""
+    """The state a run starts from, and what its checkpoint said about the data.
+
+    An adapter run also starts from its frozen base (`frozen`, read from init_from
+    every time) and that base's identity, saved with each of its checkpoints."""
     state: Any
     step: int
     saved_data: Mapping[str, Any] | None     # None: a new run
+    frozen: Any = None
+    base: base_model.BaseIdentity | None = None
+
+    @property
+    def frozen_args(self) -> tuple[Any, ...]:
+        """The train step's arguments after (state, batch): the frozen base, if any."""
+        return () if self.base is None else (self.frozen,)
 
 
 def restore_or_init(*, run: RunConfig, checkpointer: checkpoints.Checkpointer,
                     partitioner: Any, layout: trainer.StateLayout,
                     feature_lengths: Mapping[str, int], init_from: InitFrom | None) -> Start:
     """The latest good checkpoint's state; else a new one, from `init_from`'s
-    parameters when given (the optimizer starts fresh)."""
+    parameters when given (the optimizer starts fresh). An adapter run reads its
+    frozen base from `init_from` first, and resumes only onto the same base."""
+    frozen = base = None
+    if layout.frozen is not None:
+        frozen, base = base_model.load(
+            init_from, abstract_frozen=layout.frozen.abstract_with_shardings())
+        log.info("Frozen base: %s; training %d of the model's %d parameters (%s)",
+                 base.describe(), param_table.count_parameters(layout.abstract.params),
+                 param_table.count_parameters(layout.model_params.abstract),
+                 run.model.trainable_pattern)
     restored = checkpointer.restore_latest(abstract_state=layout.abstract_with_shardings())
     if restored is not None:
         step, state, saved_data = restored
+        if base is not None:
+            base_model.check_same(checkpointer.read_base_model(step), base,
+                                  checkpoint=f"checkpoint step {step} in "
+                                  f"{checkpointer.directory}")
         log.info("Resumed from checkpoint at step %d in %s", step, checkpointer.directory)
-        return Start(state=state, step=int(state.step), saved_data=saved_data)
+        return Start(state=state, step=int(state.step), saved_data=saved_data,
+                     frozen=frozen, base=base)
     state = trainer.init_train_state(model=run.model, optimizer=run.optimizer,
                                      partitioner=partitioner, feature_lengths=feature_lengths,
                                      seed=run.seed, layout=layout)
     log.info("Initialised a new model (seed %d)", run.seed)
-    if init_from is not None:
+    if init_from is not None and base is None:
         state = state.replace(params=restore_params_from(
             init_from, abstract_params=layout.abstract_with_shardings().params,
             fresh_params=state.params))
-    return Start(state=state, step=int(state.step), saved_data=None)
+    return Start(state=state, step=int(state.step), saved_data=None, frozen=frozen,
+                 base=base)
 
 
 def _check_data_position(data_position: Mapping[str, Any], *, batch_size: int,

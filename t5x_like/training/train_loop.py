@@ -25,8 +25,9 @@ import jax
 
 from t5x_like import errors, run_dir, storage
 from t5x_like.config import argument_types
-from t5x_like.checkpointing import checkpoints
+from t5x_like.checkpointing import base_model, checkpoints
 from t5x_like.checkpointing.init_from import InitFrom
+from t5x_like.finetuning import trainable
 from t5x_like.reporting import device_peaks
 from t5x_like.evaluation import teacher_forced
 from t5x_like.reporting import metrics as metrics_lib
@@ -111,12 +112,14 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
                                        process_index=block.index, process_count=block.count)
     for shard in shards:            # an empty corpus fails now, not after model init
         train_data.check(shard_index=shard, num_shards=num_data_shards)
+    if model.trainable_pattern is not None:     # an adapter run: is there a base?
+        base_model.check_loadable(init_from)
 
     # ----------------------------------------------------------- layout, eval data, state
     layout = run.state_layout(partitioner, feature_lengths)
     _report_layout(model_dir, partitioner, layout, write_table=is_lead_host)
     evaluator = teacher_forced.evaluator_for_run(
-        run=run, partitioner=partitioner, param_shardings=layout.shardings.params,
+        run=run, partitioner=partitioner, param_shardings=layout.model_params.shardings,
         num_batches=eval_batches, logdir=run_dir.eval_dir(model_dir)
     ) if eval_every_steps else None
     start = resume.restore_or_init(run=run, checkpointer=checkpointer,
@@ -153,7 +156,8 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
             local_batch = next(batches)
             step_log.add_tokens(model.count_real_tokens(local_batch) * block.count)
             state, step_metrics = train_step(
-                state, partitioning.global_batch(local_batch, partitioner))
+                state, partitioning.global_batch(local_batch, partitioner),
+                *start.frozen_args)
             step_log.add(step_metrics)             # on device: the host does not wait
             step += 1
             guard.observe(step, step_metrics)      # checks the previous step: no stall
@@ -169,10 +173,11 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
                 checkpointer.save(step, state, data_position={
                     **data_position, "step": step, resume.INTERVAL_SUMS: step_log.open_sums()},
                     shard_positions=batches.positions() if block.leads else {},
-                    num_data_shards=num_data_shards)
+                    num_data_shards=num_data_shards,
+                    base_model=start.base.to_json() if start.base else None)
             if evaluator and not preempted and (is_last or step % eval_every_steps == 0):
                 step_log.write_pending()
-                evaluator.evaluate(step, state.params)
+                evaluator.evaluate(step, trainable.merge(state.params, start.frozen))
             if preempted:
                 log.warning("Preempted (SIGTERM): saved step %d; exiting cleanly. Rerun "
                             "the same command to resume.", step)
@@ -264,12 +269,12 @@ def _report_layout(model_dir: str, partitioner: partitioning.Partitioner,
     log.info("Devices: %d (%s), processes: %d, %s", jax.device_count(),
              jax.devices()[0].platform, jax.process_count(), partitioner)
     table_path = run_dir.parameter_table(model_dir)
+    params = layout.model_params
     log.info("Parameters (each one, with its sharding, in %s):\n%s", table_path,
-             param_table.module_summary(layout.abstract.params))
+             param_table.module_summary(params.abstract))
     if write_table:
         storage.write_text(table_path, param_table.parameter_table(
-            layout.abstract.params, layout.logical_specs.params,
-            layout.shardings.params) + "\n")
+            params.abstract, params.logical_specs, params.shardings) + "\n")
 
 
 def _write_operative_config(model_dir: str) -> None:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec
 
+from t5x_like.finetuning import trainable
 from t5x_like.training import xla_options
 from t5x_like.training.optimizers import Optimizer
 from t5x_like.models.trainable import Model
@@ -30,6 +31,9 @@ Batch = Mapping[str, jax.Array]
 
 @flax.struct.dataclass
 class TrainState:
+    """What training updates and checkpoints hold. `params` are the trainable
+    parameters: all of them, or an adapter run's adapters (finetuning/trainable.py),
+    whose frozen base is passed to the step separately."""
     step: jax.Array
     params: Any
     opt_state: Any
@@ -69,47 +73,75 @@ def _optimizer_state_logical_specs(opt_state: Any, params: Any,
 
 
 def _make_init_fn(model: Model, optimizer: Optimizer, feature_lengths: Mapping[str, int]
-                  ) -> Callable[[jax.Array], TrainState]:
+                  ) -> Callable[[jax.Array], tuple[TrainState, Any]]:
+    """init(rng) -> (TrainState of the trainable parameters, frozen parameters)."""
     shape_kwargs = model.init_lengths(feature_lengths)
 
-    def init(rng: jax.Array) -> TrainState:
+    def init(rng: jax.Array) -> tuple[TrainState, Any]:
         boxed = model.init_params(rng, batch_size=1, **shape_kwargs)
-        params = nn.unbox(boxed)
+        params, frozen = trainable.split(nn.unbox(boxed), model.trainable_pattern)
         # Adafactor factors by logical axis names: its state is built from them.
-        tx = optimizer.transform_for(nn.get_partition_spec(boxed))
+        axes, _ = trainable.split(nn.get_partition_spec(boxed), model.trainable_pattern)
+        tx = optimizer.transform_for(axes)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params))
+                          opt_state=tx.init(params)), frozen
     return init
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StateLayout(params_layout.ParamsLayout):
-    """The same for the whole train state: each field holds a TrainState."""
+    """The same for the whole train state: each field holds a TrainState.
+
+    `model_params` is the layout of every parameter of the model (what eval and
+    decoding take); `frozen` that of the part an adapter run does not train (None
+    in a full run, where the state's params are all of them).
+    """
+    model_params: params_layout.ParamsLayout
+    frozen: params_layout.ParamsLayout | None = None
 
 
 def state_layout(*, model: Model, optimizer: Optimizer, partitioner: Partitioner,
                  feature_lengths: Mapping[str, int]) -> StateLayout:
     """Traces init abstractly and derives the state's shardings. Cheap: no FLOPs."""
     params = params_layout.for_model(model=model, partitioner=partitioner,
-                           feature_lengths=feature_lengths)
+                                     feature_lengths=feature_lengths)
     rng = jax.random.key(0)
     with partitioner.context():
-        abstract = jax.eval_shape(_make_init_fn(model, optimizer, feature_lengths), rng)
+        abstract, _ = jax.eval_shape(_make_init_fn(model, optimizer, feature_lengths), rng)
+    pattern = model.trainable_pattern
+    param_specs, frozen_specs = trainable.split(params.logical_specs, pattern)
     opt_specs = _optimizer_state_logical_specs(
-        abstract.opt_state, abstract.params, params.logical_specs,
-        optimizer.transform_for(params.logical_specs))
-    logical = TrainState(step=PartitionSpec(), params=params.logical_specs,
-                         opt_state=opt_specs)
+        abstract.opt_state, abstract.params, param_specs,
+        optimizer.transform_for(param_specs))
+    logical = TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs)
+    frozen = None
+    if pattern is not None:
+        frozen = params_layout.ParamsLayout(
+            abstract=trainable.split(params.abstract, pattern)[1],
+            logical_specs=frozen_specs,
+            shardings=trainable.split(params.shardings, pattern)[1])
     return StateLayout(abstract=abstract, logical_specs=logical,
-                       shardings=partitioner.shardings(logical))
+                       shardings=partitioner.shardings(logical), model_params=params,
+                       frozen=frozen)
+
+
+def init_state(*, model: Model, optimizer: Optimizer, partitioner: Partitioner,
+               feature_lengths: Mapping[str, int], seed: int,
+               layout: StateLayout) -> tuple[TrainState, Any]:
+    """(state, frozen parameters), created directly in their shards (each device
+    builds only its part); frozen is {} in a full run."""
+    init = _make_init_fn(model, optimizer, feature_lengths)
+    frozen_shardings = {} if layout.frozen is None else layout.frozen.shardings
+    return partitioner.jit(init, out_shardings=(layout.shardings, frozen_shardings))(
+        jax.random.key(seed))
 
 
 def init_train_state(*, model: Model, optimizer: Optimizer, partitioner: Partitioner,
                      feature_lengths: Mapping[str, int], seed: int,
                      layout: StateLayout) -> TrainState:
-    """Creates the state directly in its shards (each device builds only its part)."""
-    init = _make_init_fn(model, optimizer, feature_lengths)
-    return partitioner.jit(init, out_shardings=layout.shardings)(jax.random.key(seed))
+    """The state alone (a full run's, or an adapter run's with a fresh base)."""
+    return init_state(model=model, optimizer=optimizer, partitioner=partitioner,
+                      feature_lengths=feature_lengths, seed=seed, layout=layout)[0]
 
 
 # --------------------------------------------------------------------------- step
@@ -124,7 +156,7 @@ def _split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
 
 
 def _sum_metrics_and_grads(model: Model, params: Any, batch: Batch, dropout_rng,
-                           num_microbatches: int) -> tuple[dict, Any]:
+                           num_microbatches: int, frozen: Any = None) -> tuple[dict, Any]:
     """Gradient of the *unnormalised* loss, summed over microbatches.
 
     The loss is normalised by the number of real target tokens in the whole batch,
@@ -132,8 +164,9 @@ def _sum_metrics_and_grads(model: Model, params: Any, batch: Batch, dropout_rng,
     division happens once at the end: the result equals the single-batch gradient,
     not an average of per-microbatch means.
     """
-    grad_fn = jax.grad(
-        lambda p, micro, rng: model.loss_and_metrics(p, micro, dropout_rng=rng),
+    grad_fn = jax.grad(        # differentiates the trainable part only
+        lambda p, micro, rng: model.loss_and_metrics(trainable.merge(p, frozen), micro,
+                                                     dropout_rng=rng),
         has_aux=True)
     if num_microbatches == 1:
         grads, metrics = grad_fn(params, batch, dropout_rng)
@@ -163,13 +196,15 @@ def make_train_step(*, model: Model, optimizer: Optimizer, num_microbatches: int
     """Returns the pure train step `(state, batch) -> (new_state, metrics)`.
 
     Metrics are scalars: the normalised loss, z-loss, token accuracy, the learning
-    rate used, the gradient and parameter global norms, the token count, and
-    `nonfinite` (1.0 when this step's update was dropped for a NaN/Inf).
+    rate used, the gradient and parameter global norms (of the trainable
+    parameters), the token count, and `nonfinite` (1.0 when this step's update was
+    dropped for a NaN/Inf). An adapter run's step takes its frozen base as a third
+    argument (see jit_train_step).
     """
-    def train_step(state: TrainState, batch: Batch):
+    def train_step(state: TrainState, batch: Batch, frozen: Any = None):
         dropout_rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
         sums, grads = _sum_metrics_and_grads(model, state.params, batch, dropout_rng,
-                                             num_microbatches)
+                                             num_microbatches, frozen)
         weight_sum = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g: g / weight_sum, grads)
         updates, opt_state = optimizer.transform.update(grads, state.opt_state, state.params)
@@ -206,11 +241,15 @@ def jit_train_step(train_step: Callable, *, partitioner: Partitioner, layout: St
 
     Call it to train; `lower` it with abstract arguments to compile ahead of time
     (training/aot.py's fit check compiles exactly this step). XLA options for the
-    mesh's platform come from training/xla_options.py.
+    mesh's platform come from training/xla_options.py. An adapter run's step is
+    `(state, batch, frozen)`: the frozen base is read, not donated.
     """
     batch_shardings = {name: partitioner.batch_sharding() for name in batch_feature_names}
+    in_shardings = (layout.shardings, batch_shardings)
+    if layout.frozen is not None:
+        in_shardings += (layout.frozen.shardings,)
     return partitioner.jit(
-        train_step, in_shardings=(layout.shardings, batch_shardings),
+        train_step, in_shardings=in_shardings,
         out_shardings=(layout.shardings, partitioner.replicated()), donate_argnums=(0,),
         compiler_options=xla_options.train_step_options(
             partitioner.mesh.devices.flat[0].platform))

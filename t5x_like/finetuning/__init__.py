@@ -1,0 +1,9 @@
+"""Parameter-efficient fine-tuning: adapters added to a frozen base model.
+
+    lora          LoRA on any dense projection chosen by a regex over parameter paths
+    trainable     which parameters a run trains, and the split into trainable and frozen
+
+An adapter is attached to a model wrapper (`t5.EncoderDecoderModel.adapter`,
+`decoder.DecoderOnlyModel.adapter`, the `models.trainable.Adapter` protocol), so the
+model families need no code of their own for it.
+"""
