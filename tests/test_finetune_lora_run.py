@@ -53,6 +53,14 @@ def test_lora_run_checkpoints_adapters_on_a_recorded_base_and_evaluates(
     with open(os.path.join(model_dir, "eval", "checkpoint_2.json")) as f:
         assert "greedy/exact_match" in json.load(f)["tasks"][TASK]
 
+    # Exported for PEFT: the adapters of every linear module, rank 4.
+    run_launcher("export", model_dir, f"--gin.PRETRAINED_DIR='{pretrained}'",
+                 "--format=peft", f"--output_dir={tmp_path / 'adapter'}", gin_file=GIN)
+    with open(tmp_path / "adapter" / "adapter_config.json") as f:
+        config = json.load(f)
+    assert config["r"] == 4 and len(config["target_modules"]) == 7 * 2 + 11 * 2
+    assert config["base_model_name_or_path"] is None     # our base: export it with hf
+
     # Resuming onto another base (the pretrained run's step 5) is one error line
     # naming both, and the adapters' checkpoints stay.
     log = lora_run(model_dir, pretrained, "--gin.init_from.InitFrom.step=5",
@@ -73,3 +81,22 @@ def test_lora_run_resumes_bit_exactly(tmp_path, straight_run):
     lora_run(split, pretrained, "--gin.TRAIN_STEPS=4")
     assert logged_losses(split) == logged_losses(whole)
     assert sorted(logged_losses(whole)) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow   # a LoRA run and an export, ~1.5 min
+def test_merged_export_of_a_lora_run_loads_in_transformers(tmp_path, straight_run):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model_dir, pretrained = str(tmp_path / "lora"), f"{straight_run}/checkpoints"
+    lora_run(model_dir, pretrained)
+    out = tmp_path / "merged"
+    log = run_launcher("export", model_dir, f"--gin.PRETRAINED_DIR='{pretrained}'",
+                       "--format=hf", f"--output_dir={out}", gin_file=GIN)
+    assert "Exported step 2 (adapters merged into the base)" in log
+    model = transformers.T5ForConditionalGeneration.from_pretrained(out).eval()
+    names = {name for name, _ in model.named_parameters()}
+    assert not any("lora" in n for n in names)
+    with torch.no_grad():
+        logits = model(input_ids=torch.ones((1, 4), dtype=torch.long),
+                       decoder_input_ids=torch.zeros((1, 1), dtype=torch.long)).logits
+    assert torch.isfinite(logits).all()

@@ -32,6 +32,15 @@ _LAYER_TENSORS = (
 )
 
 
+def linear_modules(cfg: decoder.DecoderConfig) -> Iterator[tuple[tuple[str, ...], str]]:
+    """(our kernel path in the unscanned tree, HF module name) of every projection
+    inside the layers: where LoRA adapters go (hf/peft.py)."""
+    for i in range(cfg.num_layers):
+        for hf_name, path, _ in _LAYER_TENSORS:
+            if path[-1] == 'kernel':
+                yield (f'layers_{i}',) + path, f'model.layers.{i}.{hf_name[:-len(".weight")]}'
+
+
 def _token_ids(hf: dict[str, Any], generation: dict[str, Any]) -> dict[str, Any]:
     """bos/eos/pad ids: generation_config.json's where it has them (what `generate`
     stops on), else config.json's; a list of eos ids becomes a tuple."""

@@ -121,14 +121,15 @@ def write_generation_config(directory: str, config: Mapping[str, Any]) -> None:
 
 
 def write_checkpoint(directory: str, config: Mapping[str, Any],
-                     tensors: Mapping[str, np.ndarray]) -> None:
+                     tensors: Mapping[str, np.ndarray], *, config_file: str = CONFIG_FILE,
+                     weights_file: str = SINGLE_FILE) -> None:
     """config.json + model.safetensors (metadata format 'pt', as transformers expects),
-    in a local folder or a bucket (storage.py)."""
+    in a local folder or a bucket (storage.py); a PEFT adapter names them otherwise."""
     from safetensors.numpy import save
 
-    storage.write_text(storage.join(directory, CONFIG_FILE),
+    storage.write_text(storage.join(directory, config_file),
                        json.dumps(dict(config), indent=2, sort_keys=True))
-    with storage.open_file(storage.join(directory, SINGLE_FILE), 'wb') as f:
+    with storage.open_file(storage.join(directory, weights_file), 'wb') as f:
         f.write(save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
                      metadata={'format': 'pt'}))
 

@@ -75,6 +75,16 @@ def _stack_tensors(stack: str) -> list[tuple[str, tuple[str, ...], str]]:
             (f'{stack}.final_layer_norm.weight', (stack, f'{stack}_norm', 'scale'), 'vector')]
 
 
+def linear_modules(cfg: t5.T5Config) -> Iterator[tuple[tuple[str, ...], str]]:
+    """(our kernel path in the unscanned tree, HF module name) of every projection
+    inside the layers: where LoRA adapters go (hf/peft.py)."""
+    for stack, num_layers in _stacks(cfg):
+        for i in range(num_layers):
+            for hf_name, path, _ in _layer_tensors(cfg, stack):
+                if path[-1] == 'kernel':
+                    yield (stack, f'layers_{i}') + path, hf_name.format(i=i)[:-len('.weight')]
+
+
 def _scales_decoder_output(hf: dict[str, Any]) -> bool:
     if 'scale_decoder_outputs' in hf:
         return bool(hf['scale_decoder_outputs'])
