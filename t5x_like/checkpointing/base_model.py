@@ -15,6 +15,8 @@ import dataclasses
 import hashlib
 from typing import Any
 
+import jax
+
 from t5x_like import errors, storage, tree_paths
 from t5x_like.checkpointing import checkpoints, integrity
 from t5x_like.finetuning import trainable
@@ -89,18 +91,23 @@ def check_same(saved: dict | None, base: BaseIdentity, *, checkpoint: str) -> No
             "or use a new MODEL_DIR")
 
 
-def restore_model_params(reader: checkpoints.CheckpointReader, step: int, *,
-                         trainable_pattern: str | None, abstract_params: Any,
+def restore_model_params(reader: checkpoints.CheckpointReader, step: int, *, model: Any,
+                         abstract_params: Any,
                          loaded_bases: dict[str, Any] | None = None) -> Any:
     """Every parameter of the model whose checkpoint is `step` (eval, inference).
 
-    A full run's checkpoint holds them all. An adapter run's holds the adapters;
+    `model` says which parameters are trained (`trainable_pattern`) and the
+    dtype of the rest. A full run's checkpoint holds them all. An adapter run's holds the adapters;
     the frozen base is read from where its record says (checked against the record's
     fingerprint) and kept in `loaded_bases` for the next step of the same run.
     """
-    if trainable_pattern is None:
+    if model.trainable_pattern is None:
         return reader.restore_params(step, abstract_params=abstract_params)
-    abstract_adapters, abstract_frozen = trainable.split(abstract_params, trainable_pattern)
+    abstract_adapters, abstract_frozen = trainable.split(abstract_params,
+                                                         model.trainable_pattern)
+    # Held as in training (e.g. bfloat16), so its fingerprint is the recorded one.
+    abstract_frozen = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        a.shape, model.frozen_dtype, sharding=a.sharding), abstract_frozen)
     where = f"checkpoint step {step} in {reader.directory}"
     record = reader.read_base_model(step)
     if record is None:

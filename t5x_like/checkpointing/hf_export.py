@@ -53,7 +53,7 @@ def export_run_checkpoint(*, run: Any, model_dir: str, checkpoint: str | None, k
     reader = checkpoints.CheckpointReader(directory)
     try:
         params = base_model.restore_model_params(
-            reader, step, trainable_pattern=model.trainable_pattern, abstract_params=abstract)
+            reader, step, model=model, abstract_params=abstract)
         record = reader.read_base_model(step)
     finally:
         reader.close()

@@ -220,8 +220,7 @@ def from_run(*, model_dir: str, checkpoint: str | None, run: Any) -> Source:
         reader = checkpoints.CheckpointReader(directory)
         try:        # an adapter run's checkpoint: its adapters on their recorded base
             return run.model, base_model.restore_model_params(
-                reader, step, trainable_pattern=run.model.trainable_pattern,
-                abstract_params=target)
+                reader, step, model=run.model, abstract_params=target)
         finally:
             reader.close()
     return Source(name=f"{model_dir} step {step}", partitioner=partitioner,

@@ -155,7 +155,7 @@ class StepEvaluator:
         partitioner = run.partitioner()
         layout = run.state_layout(partitioner, run.feature_lengths())
         self.abstract_params = layout.model_params.abstract_with_shardings()
-        self.trainable_pattern = run.model.trainable_pattern
+        self.model = run.model
         self.loaded_bases: dict[str, Any] = {}     # an adapter run's frozen base, once
         self._teacher_forced = teacher_forced.evaluator_for_run(
             run=run, partitioner=partitioner,
@@ -256,7 +256,7 @@ def evaluate_checkpoints(*, run: Any, model_dir: str, checkpoint: str | int = "l
                                                              records.done())):
                 try:
                     params = base_model.restore_model_params(
-                        reader, step, trainable_pattern=evaluator.trainable_pattern,
+                        reader, step, model=evaluator.model,
                         abstract_params=evaluator.abstract_params,
                         loaded_bases=evaluator.loaded_bases)
                 except Exception:

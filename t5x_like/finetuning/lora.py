@@ -60,11 +60,14 @@ class LoRA:
         active when the model's dropout is (training steps, not eval).
       targets: 'attention' (query/key/value/out of every attention), 'all_linear'
         (those and the MLP's wi/wo, as QLoRA adapts), or a regex over kernel paths.
+      frozen_dtype: 'bfloat16' holds the frozen base in half the memory (its values
+        rounded once, when loaded); adapters and compute keep their own dtypes.
     """
     rank: int = 8
     alpha: float = 16.0
     dropout_rate: float = 0.0
     targets: str = 'attention'
+    frozen_dtype: str = 'float32'
 
     trainable_pattern = TRAINABLE_PATTERN
 
@@ -73,6 +76,9 @@ class LoRA:
             raise errors.ConfigError(
                 f"LoRA rank={self.rank}, dropout_rate={self.dropout_rate}",
                 fix="set lora.LoRA.rank >= 1 and 0 <= dropout_rate < 1")
+        if self.frozen_dtype not in ('float32', 'bfloat16'):
+            raise errors.ConfigError(f"LoRA frozen_dtype={self.frozen_dtype!r}",
+                                     fix="choose 'float32' or 'bfloat16'")
         try:
             re.compile(self.targets_regex)
         except re.error as e:

@@ -54,6 +54,10 @@ class Model(Protocol):
         """Regex over parameter paths of what training updates; None: everything
         (an adapter's parameters only, when the model has one)."""
 
+    @property
+    def frozen_dtype(self) -> str:
+        """The dtype of the parameters training does not update (an adapter's base)."""
+
 
 class Adapter(Protocol):
     """A parameter-efficient method that adds its own parameters to a model's and
@@ -62,6 +66,9 @@ class Adapter(Protocol):
 
     # Regex over parameter paths ('encoder/.../query/lora_a'): what a run trains.
     trainable_pattern: str
+    # The dtype the frozen base is held in ('float32', or 'bfloat16' for half the
+    # memory; the model computes in its own dtype either way).
+    frozen_dtype: str
 
     def applied(self, *, enable_dropout: bool) -> ContextManager[None]:
         """A context in which the module's layers create and use the adapter."""
@@ -85,6 +92,11 @@ class TrainableLM:
     def trainable_pattern(self) -> str | None:
         """Regex over parameter paths of what training updates; None: everything."""
         return None if self.adapter is None else self.adapter.trainable_pattern
+
+    @property
+    def frozen_dtype(self) -> str:
+        """The dtype of the parameters training does not update (an adapter's base)."""
+        return 'float32' if self.adapter is None else self.adapter.frozen_dtype
 
     def adapted(self, *, enable_dropout: bool = False) -> ContextManager[None]:
         """Where the module's `init` and `apply` run: with the adapter, if any."""

@@ -80,6 +80,7 @@ def _make_init_fn(model: Model, optimizer: Optimizer, feature_lengths: Mapping[s
     def init(rng: jax.Array) -> tuple[TrainState, Any]:
         boxed = model.init_params(rng, batch_size=1, **shape_kwargs)
         params, frozen = trainable.split(nn.unbox(boxed), model.trainable_pattern)
+        frozen = jax.tree.map(lambda x: x.astype(model.frozen_dtype), frozen)
         # Adafactor factors by logical axis names: its state is built from them.
         axes, _ = trainable.split(nn.get_partition_spec(boxed), model.trainable_pattern)
         tx = optimizer.transform_for(axes)
@@ -117,7 +118,8 @@ def state_layout(*, model: Model, optimizer: Optimizer, partitioner: Partitioner
     frozen = None
     if pattern is not None:
         frozen = params_layout.ParamsLayout(
-            abstract=trainable.split(params.abstract, pattern)[1],
+            abstract=jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, model.frozen_dtype),
+                                  trainable.split(params.abstract, pattern)[1]),
             logical_specs=frozen_specs,
             shardings=trainable.split(params.shardings, pattern)[1])
     return StateLayout(abstract=abstract, logical_specs=logical,
