@@ -121,8 +121,8 @@ def test_steps_train_the_adapters_and_leave_the_base_bitwise_alone(family):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
-@pytest.mark.parametrize("family", ["t5", "decoder"])
+@pytest.mark.parametrize("family,scan", [("t5", False), ("decoder", True)],
+                         ids=["t5_loop", "decoder_scan"])
 def test_merged_adapters_give_the_adapted_models_logits(family, scan):
     state, frozen, _, _ = run_steps(family, partitioning.Partitioner(
         devices=jax.devices()[:1]), steps=1, scan=scan)
@@ -145,8 +145,9 @@ def one_device_t5():
 
 @pytest.mark.parametrize("preset", [dict(data_parallelism=1, fsdp_parallelism=8),
                                     dict(data_parallelism=1, tensor_parallelism=8),
-                                    dict(data_parallelism=2, fsdp_parallelism=2,
-                                         tensor_parallelism=2)],
+                                    pytest.param(dict(data_parallelism=2, fsdp_parallelism=2,
+                                                      tensor_parallelism=2),
+                                                 marks=pytest.mark.slow)],
                          ids=["fsdp", "tp", "dp_fsdp_tp"])
 def test_sharded_lora_equals_one_device(preset, one_device_t5):
     ref_state, ref_losses = one_device_t5

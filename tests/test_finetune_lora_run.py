@@ -4,12 +4,15 @@ its checkpoints, the base recorded and checked, launch.eval on the adapters."""
 import json
 import os
 import pathlib
+import signal
+import subprocess
 
 import pytest
 
 import data.tasks  # noqa: F401 - registers pydocs_section_titles
 
-from launch_helpers import logged_losses, run_launcher
+from launch_helpers import (REPO, launcher_command, logged_losses, run_launcher,
+                            train_env, wait_for_checkpoint)
 from t5x_like.checkpointing import checkpoints
 
 GIN = "tests/configs/tiny_lora_run.gin"
@@ -73,14 +76,22 @@ def test_lora_run_checkpoints_adapters_on_a_recorded_base_and_evaluates(
 
 
 @pytest.mark.slow   # three more runs, ~2.5 min
-def test_lora_run_resumes_bit_exactly(tmp_path, straight_run):
+def test_a_sigkilled_lora_run_resumes_bit_exactly(tmp_path, straight_run):
     pretrained = f"{straight_run}/checkpoints"
-    whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
     lora_run(whole, pretrained, "--gin.TRAIN_STEPS=4")
-    lora_run(split, pretrained, "--gin.TRAIN_STEPS=2")
-    lora_run(split, pretrained, "--gin.TRAIN_STEPS=4")
-    assert logged_losses(split) == logged_losses(whole)
+    proc = subprocess.Popen(
+        launcher_command("train", killed, f"--gin.PRETRAINED_DIR='{pretrained}'",
+                         "--gin.TRAIN_STEPS=4", gin_file=GIN),
+        cwd=REPO, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    wait_for_checkpoint(killed, 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    lora_run(killed, pretrained, "--gin.TRAIN_STEPS=4")
     assert sorted(logged_losses(whole)) == [1, 2, 3, 4]
+    resumed = logged_losses(killed)
+    assert {s: resumed[s] for s in (3, 4)} == {s: logged_losses(whole)[s] for s in (3, 4)}
 
 
 @pytest.mark.slow   # a LoRA run and an export, ~1.5 min

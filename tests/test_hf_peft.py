@@ -28,7 +28,6 @@ ADAPTERS = {
     't5': lora.LoRA(rank=4, alpha=12.0, targets=r'(encoder/layers_1|decoder/layers_\d)/.*/kernel'),
     'llama': lora.LoRA(rank=4, alpha=8.0, targets='all_linear'),
 }
-MAX_ABS_DIFF = {}
 
 
 @pytest.fixture(scope='module')
@@ -69,7 +68,8 @@ def _family(name, tmp_root):
 
 
 @pytest.mark.parametrize('name', ['t5', 'llama'])
-def test_peft_loads_our_adapter_onto_the_hf_base_with_our_logits(name, tmp_root):
+def test_peft_loads_our_adapter_and_transformers_our_merged_export_with_our_logits(
+    name, tmp_root):
   path, hf_model, model, params, ours, theirs = _family(name, tmp_root)
   adapted = ours(model, params)
   base = ours(dataclasses.replace(model, adapter=None),
@@ -86,21 +86,16 @@ def test_peft_loads_our_adapter_onto_the_hf_base_with_our_logits(name, tmp_root)
   hf_base = type(hf_model).from_pretrained(path).eval()
   with_adapter = peft.PeftModel.from_pretrained(hf_base, out).eval()
   diff = float(np.abs(theirs(with_adapter) - adapted).max())
-  MAX_ABS_DIFF[name] = diff
   print(f'peft parity {name}: max|diff| = {diff:.2e} (logits up to {np.abs(adapted).max():.1f})')
   assert diff < 1e-5, diff
 
-
-@pytest.mark.parametrize('name', ['t5', 'llama'])
-def test_merged_export_loads_in_transformers_with_the_adapted_logits(name, tmp_root):
-  path, hf_model, model, params, ours, theirs = _family(name, tmp_root)
+  # Merged into the kernels and exported whole: plain transformers, the same logits.
   merged = lora.merged(params, scale=model.adapter.scale)
   assert not any('lora' in k for k in tree_paths.flatten(merged))
   out = os.path.join(tmp_root, f'{name}_merged')
   export = hf_t5.export_checkpoint if name == 't5' else hf_llama.export_checkpoint
   export(merged, model.config, out)
   reloaded = type(hf_model).from_pretrained(out).eval()
-  adapted = ours(model, params)
   diff = float(np.abs(theirs(reloaded) - adapted).max())
   print(f'merged export {name}: max|diff| = {diff:.2e}')
   assert diff < 1e-5, diff
