@@ -87,7 +87,9 @@ def _source_md(counts: dict[str, int], sizes: dict[str, int],
 circumstances ...'. {counts['train']} training and {counts['validation']} validation examples,
 {counts['names']} distinct names. Registered as the seqio task `pydocs_code_names`
 (`data/tasks.py`), scored with exact match and ROUGE-L; with `pydocs_section_titles`
-it forms the mixture `pydocs_finetune_mixture`.
+it forms the mixture `pydocs_finetune_mixture`. The task puts `code name: ` before
+each paragraph (the files hold the bare text): the two tasks share many paragraphs,
+and in the mixture the prefix says which answer is asked for.
 
 **Why this task.** The answer is in the input: the model learns where to look (the
 first `"` that opens a name) and copies, which a small T5 learns in a few hundred

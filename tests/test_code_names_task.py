@@ -61,10 +61,11 @@ def mixture_task_shares(mixture, lengths, examples):
     from t5x_like.data import pipeline
     vocab = seqio.get_mixture_or_task("pydocs_code_names").output_features[
         "targets"].vocabulary
+    from data.tasks import CODE_NAMES_PREFIX
     task_of = {}
-    for task, folder in (("code_names", BUNDLED),
-                         ("section_titles", REPO / "data" / "section_titles")):
-        pairs = rows("train", folder)
+    for task, folder, prefix in (("code_names", BUNDLED, CODE_NAMES_PREFIX),
+                                 ("section_titles", REPO / "data" / "section_titles", "")):
+        pairs = [(prefix + paragraph, target) for paragraph, target in rows("train", folder)]
         tokens = [vocab.encode_tf(tf.constant([row[i] for row in pairs])).to_list()
                   for i in (0, 1)]
         for key in zip(map(tuple, tokens[0]), map(tuple, tokens[1])):
@@ -110,7 +111,9 @@ def test_the_task_yields_the_paragraph_and_its_quoted_name():
     vocab = task.output_features["targets"].vocabulary
     assert first["targets_pretokenized"].decode() == name
     np.testing.assert_array_equal(first["targets"], vocab.encode(name) + [1])  # + EOS
-    np.testing.assert_array_equal(first["inputs"], vocab.encode(paragraph) + [1])
+    assert first["inputs_pretokenized"].decode() == "code name: " + paragraph
+    np.testing.assert_array_equal(first["inputs"], vocab.encode("code name: " + paragraph)
+                                  + [1])
     # The name is tokenized as in its paragraph, but for the closing quote, which may
     # merge with punctuation ('"AttributeError")." -> ... 'AttributeError' '").'): the
     # model can mostly copy token for token.
@@ -119,3 +122,21 @@ def test_the_task_yields_the_paragraph_and_its_quoted_name():
     assert within(vocab.encode(name)[:-1], list(first["inputs"]))
     copies = [within(vocab.encode(n), vocab.encode(p)) for p, n in rows("validation")]
     assert 0.6 < np.mean(copies) < 0.9
+
+
+def test_no_input_of_the_finetune_mixture_asks_for_two_answers():
+    """Both tasks cut the same corpus alike, so a paragraph can be an example of each
+    with different targets: without a task prefix (T5's 'summarize: ') the model sees
+    one input with two answers (a run without one answered code names to section-title
+    inputs at step 200). Every input of the mixture must have one answer."""
+    import data.tasks  # noqa: F401 - registers the tasks
+    import seqio
+    targets_of = {}
+    for task in seqio.get_mixture_or_task("pydocs_finetune_mixture").tasks:
+        for split in ("train", "validation"):
+            for ex in task.get_dataset({"inputs": 256, "targets": 32}, split=split,
+                                       shuffle=False).as_numpy_iterator():
+                targets_of.setdefault(ex["inputs_pretokenized"], set()).add(
+                    ex["targets_pretokenized"])
+    assert len(targets_of) == 766 + 100 + 822 + 104
+    assert all(len(targets) == 1 for targets in targets_of.values())
