@@ -23,7 +23,7 @@ def scalars(logdir):
             for tag in acc.Tags()["scalars"]}
 
 
-@pytest.mark.slow   # ~50 s alone, mostly compiling; the next test covers the metrics fast
+@pytest.mark.slow   # ~70 s of CPU, mostly compiling; the next test covers the metrics fast
 def test_in_loop_eval_and_launch_eval_score_each_task_of_the_mixture(tmp_path):
     model_dir = str(tmp_path)
     assert launch_in_process(model_dir, gin_file=GIN) is None           # 2 steps
