@@ -5,8 +5,8 @@ Run from the repository root:  .venv/bin/python -m data.build_code_names
 
 Why this task: the multi-task demo (`pydocs_finetune_mixture`, data/tasks.py) needs a
 second supervised task that ships with the repository, builds offline, may be
-redistributed, and that the small CPU model can learn within a few hundred steps, so
-that its decoded exact match visibly leaves 0 (section titles need far longer). The
+redistributed, and that is within a small model's reach: its answer is in the input
+(a section title must be recalled). The
 Python reference manual quotes code in double quotes ('The built-in variable
 "__debug__" is "True" ...'; prose uses curly quotes), so "which code name does this
 passage mention first?" has one checkable answer, found in the input itself: the
@@ -91,12 +91,14 @@ it forms the mixture `pydocs_finetune_mixture`. The task puts `code name: ` befo
 each paragraph (the files hold the bare text): the two tasks share many paragraphs,
 and in the mixture the prefix says which answer is asked for.
 
-**Why this task.** The answer is in the input: the model learns where to look (the
-first `"` that opens a name) and copies, which a small T5 learns in a few hundred
-steps on a CPU, so decoded exact match moves clearly above 0 in the multi-task demo
-(a section title must be recalled, and needs much longer). The target keeps its
-quotes so it is tokenized as in the paragraph: its tokens appear as such in the
-input in 3 of 4 examples (elsewhere the closing quote merges with punctuation).
+**Why this task.** The answer is in the input: the model has to learn where to look
+(the first `"` that opens a name) and copy, where a section title must be recalled.
+The target keeps its quotes so it is tokenized as in the paragraph: its tokens
+appear as such in the input in 3 of 4 examples (elsewhere the closing quote merges
+with punctuation). Not yet learned in a short CPU run: `configs/finetune_mixture.gin`
+(300 steps) from a base run of only 100 steps reached 1.9% greedy exact match (2 of
+104; 5.8% at step 200, frequent names guessed rather than copied), so the copying
+needs a longer-pretrained base or more steps.
 
 **Licence.** The text is © Python Software Foundation, from the bundled pydocs
 corpus, distributed under the PSF licence: see `data/corpus/LICENSE` and
