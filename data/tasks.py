@@ -15,6 +15,17 @@ splits 'train' and 'validation':
   pydocs_section_titles   fine-tuning: a paragraph of the reference manual ('inputs')
                           -> the title of its section ('targets'); scored with exact
                           match and ROUGE-L (data/section_titles/SOURCE.md).
+  pydocs_code_names       fine-tuning: 'code name: ' + a paragraph of the Python docs
+                          ('inputs') -> the first code name it quotes, quotes included,
+                          e.g. '"__debug__"' ('targets'); exact match and ROUGE-L
+                          (data/code_names/SOURCE.md). The prefix names the task: the
+                          two tasks share ~380 paragraphs, which without it would be
+                          one input with two answers in the mixture.
+  pydocs_finetune_mixture multi-task fine-tuning: section titles and code names at
+                          rates 1:1 (FINETUNE_MIXTURE_RATES; the two have ~800 training
+                          examples each), 'enc_dec' converter. Training samples the
+                          tasks by rate; in-loop eval and launch.eval score each task
+                          on its own validation split, under its own name.
 
 The tasks are built with `t5x_like.data.user_tasks`, the same calls users make for
 their own data. Paths are derived from this file, so they work from any working directory;
@@ -39,17 +50,26 @@ SECTION_TITLES_FILES = {
     "train": DATA_DIR / "section_titles" / "train.tsv",
     "validation": DATA_DIR / "section_titles" / "validation.tsv",
 }
+CODE_NAMES_FILES = {
+    "train": DATA_DIR / "code_names" / "train.tsv",
+    "validation": DATA_DIR / "code_names" / "validation.tsv",
+}
 EXTRA_IDS = 100  # sentinels for span corruption, at the top of the id range
 MIXTURE_RATES = {"pydocs_span_corruption": 3.0, "pydocs_prefix_lm": 1.0}
+FINETUNE_MIXTURE_RATES = {"pydocs_section_titles": 1.0, "pydocs_code_names": 1.0}
+# Section titles keep unprefixed inputs (their results in benchmarks/RESULTS.md stay
+# comparable); one prefixed task is enough to tell the two apart.
+CODE_NAMES_PREFIX = "code name: "
 
 
 def _check_files() -> None:
-    for path in (VOCAB_PATH, *SPLIT_FILES.values(), *SECTION_TITLES_FILES.values()):
+    for path in (VOCAB_PATH, *SPLIT_FILES.values(), *SECTION_TITLES_FILES.values(),
+                 *CODE_NAMES_FILES.values()):
         if not path.exists():
             raise FileNotFoundError(
                 f"bundled data file is missing: {path}. Rebuild it from the repository "
-                "root with `python -m data.build_corpus` (section titles: "
-                "`python -m data.build_section_titles`).")
+                "root with `python -m data.build_corpus` (fine-tuning tasks: "
+                "`python -m data.build_section_titles`, `python -m data.build_code_names`).")
 
 
 def pydocs_vocabulary() -> seqio.SentencePieceVocabulary:
@@ -69,10 +89,13 @@ def register() -> None:
         user_tasks.register_text_task(name=name, patterns=patterns, objective=objective,
                                       vocabulary=vocab, cache_tokenized_in_memory=True)
     user_tasks.register_mixture(name="pydocs_mixture", rates=MIXTURE_RATES)
-    text_to_text.register_tsv_task(
-        name="pydocs_section_titles", vocabulary=vocab,
-        patterns={split: str(path) for split, path in SECTION_TITLES_FILES.items()},
-        metric_fns=("exact_match", "rouge_l"))
+    for name, files, prefix in (("pydocs_section_titles", SECTION_TITLES_FILES, ""),
+                                ("pydocs_code_names", CODE_NAMES_FILES, CODE_NAMES_PREFIX)):
+        text_to_text.register_tsv_task(
+            name=name, vocabulary=vocab,
+            patterns={split: str(path) for split, path in files.items()},
+            metric_fns=("exact_match", "rouge_l"), input_prefix=prefix)
+    user_tasks.register_mixture(name="pydocs_finetune_mixture", rates=FINETUNE_MIXTURE_RATES)
 
 
 register()

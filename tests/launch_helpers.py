@@ -91,18 +91,20 @@ def overwrite_bytes_in_largest_array_file(step_dir):
     return largest
 
 
-def launch_in_process(model_dir, *extra, gin_file="tests/configs/tiny_run.gin"):
-    """`launch.train.main` in this process (no start-up cost): returns the `error: ...`
-    line it exits with, or None when it trains to the end. Leaves gin and logging as
-    it found them."""
-    from launch import train as launch_train
+def launch_in_process(model_dir, *extra, gin_file="tests/configs/tiny_run.gin",
+                      launcher="train"):
+    """`launch.<launcher>.main` in this process (no start-up cost): returns the
+    `error: ...` line it exits with, or None when it runs to the end. Leaves gin and
+    logging as it found them."""
+    import importlib
+    entry_point = importlib.import_module(f"launch.{launcher}")
     from t5x_like.config import gin_config
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     gin_config.reset()
     try:
-        launch_train.main([f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{model_dir}'",
-                           *extra])
+        entry_point.main([f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{model_dir}'",
+                          *extra])
         return None
     except SystemExit as e:
         return str(e.code)

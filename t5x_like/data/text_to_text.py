@@ -15,8 +15,14 @@ to predictions and targets alike. The targets' original text is kept as
       patterns = {'train': '/data/train.tsv', 'validation': '/data/dev.tsv'}
       metric_fns = ['exact_match', 'rouge_l']
 
-The bundled example is `pydocs_section_titles` (data/tasks.py). Use the 'enc_dec'
-feature converter (or 'prefix_lm' for a decoder-only model).
+The bundled examples are `pydocs_section_titles` and `pydocs_code_names`
+(data/tasks.py). Use the 'enc_dec' feature converter (or 'prefix_lm' for a
+decoder-only model).
+
+Tasks mixed for multi-task training need an `input_prefix` (T5's 'summarize: ',
+'translate English to German: ') wherever two of them could receive the same input:
+the prefix, prepended to the input text before tokenizing, tells the model which
+answer is asked for.
 """
 
 from __future__ import annotations
@@ -55,6 +61,11 @@ def split_tsv(dataset: tf.data.Dataset, *, label: str) -> tf.data.Dataset:
     return dataset.map(lambda ex: ex["text"]).batch(_CHECK_BATCH).flat_map(check)
 
 
+def prefix_inputs(dataset: tf.data.Dataset, *, prefix: str) -> tf.data.Dataset:
+    """'inputs' text -> prefix + 'inputs' (the task's name for the model)."""
+    return dataset.map(lambda ex: {**ex, "inputs": tf.strings.join([prefix, ex["inputs"]])})
+
+
 def register_task(*, name: str, source: seqio.DataSource,
                   preprocess: Sequence[Callable[..., tf.data.Dataset]] = (),
                   vocabulary: seqio.Vocabulary | None = None,
@@ -91,16 +102,19 @@ def register_task(*, name: str, source: seqio.DataSource,
 def register_tsv_task(*, name: str, patterns: sources.Patterns,
                       vocabulary: seqio.Vocabulary | None = None,
                       metric_fns: Sequence[str | text_metrics.MetricFn] = ("exact_match",),
-                      postprocess_fn: Callable[..., str] = text_metrics.normalize_whitespace
-                      ) -> str:
+                      postprocess_fn: Callable[..., str] = text_metrics.normalize_whitespace,
+                      input_prefix: str = "") -> str:
     """Tab-separated files, one example per line: input <TAB> target (UTF-8).
 
     Undecodable, blank or tab-less lines are skipped and counted (README, "Your own
     data"). `patterns`: {split: glob(s)}, e.g. {'train': ..., 'validation': ...}.
+    input_prefix: text put before every input, e.g. 'code name: ' (module docstring).
     """
     return register_task(
         name=name, source=sources.text_files(patterns=patterns),
         preprocess=[lambda ds: sources.clean_text(ds, label=name),
-                    lambda ds: split_tsv(ds, label=name)],
+                    lambda ds: split_tsv(ds, label=name),
+                    *([lambda ds: prefix_inputs(ds, prefix=input_prefix)]
+                      if input_prefix else [])],
         vocabulary=vocabulary, metric_fns=metric_fns, postprocess_fn=postprocess_fn)
 
