@@ -26,12 +26,11 @@ Outputs:
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import pathlib
 import re
 
-from data.build_section_titles import CORPUS_FILES, DATA_DIR, paragraphs, is_validation
+from data.build_section_titles import (CORPUS_FILES, DATA_DIR, paragraphs, run,
+                                      sha256_of, write_task)
 
 OUTPUT_DIR = DATA_DIR / "code_names"
 SPLITS = ("train", "validation")
@@ -69,16 +68,12 @@ def examples(documents: list[str]) -> tuple[list[tuple[str, str]], dict[str, int
     return pairs, counts
 
 
-def _sha256(path: pathlib.Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _source_md(counts: dict[str, int], sizes: dict[str, int],
                output_dir: pathlib.Path) -> str:
     inputs = "\n".join(f"| `{p.relative_to(DATA_DIR.parent)}` | {p.stat().st_size:,} | "
-                       f"`{_sha256(p)}` |" for p in CORPUS_FILES)
+                       f"`{sha256_of(p)}` |" for p in CORPUS_FILES)
     outputs = "\n".join(f"| `{split}.tsv` | {sizes[split]:,} | "
-                        f"`{_sha256(output_dir / f'{split}.tsv')}` |" for split in SPLITS)
+                        f"`{sha256_of(output_dir / f'{split}.tsv')}` |" for split in SPLITS)
     return f"""# pydocs code names: a fine-tuning task
 
 **What.** Supervised text-to-text examples: a paragraph of the Python documentation
@@ -136,29 +131,11 @@ it reads only the two corpus files below, so it rebuilds byte for byte anywhere:
 
 def build(output_dir: pathlib.Path = OUTPUT_DIR) -> dict[str, str]:
     """Writes the two TSV files and SOURCE.md; returns {file name: sha256}."""
-    documents = [line.rstrip("\n") for path in CORPUS_FILES
-                 for line in path.read_text(encoding="utf-8").splitlines()]
-    pairs, counts = examples(documents)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    sizes = {}
-    for split in SPLITS:
-        rows = [(p, n) for p, n in pairs if is_validation(p) == (split == "validation")]
-        counts[split] = len(rows)
-        path = output_dir / f"{split}.tsv"
-        path.write_bytes("".join(f"{p}\t{n}\n" for p, n in rows).encode("utf-8"))
-        sizes[split] = path.stat().st_size
-    (output_dir / "SOURCE.md").write_bytes(
-        _source_md(counts, sizes, output_dir).encode("utf-8"))
-    return {name: _sha256(output_dir / name)
-            for name in (*(f"{s}.tsv" for s in SPLITS), "SOURCE.md")}
+    return write_task(examples, _source_md, output_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output_dir", type=pathlib.Path, default=OUTPUT_DIR)
-    args = parser.parse_args(argv)
-    for name, digest in build(args.output_dir).items():
-        print(f"{digest}  {name}")
+    run(build, __doc__.splitlines()[0], OUTPUT_DIR, argv)
 
 
 if __name__ == "__main__":

@@ -113,16 +113,16 @@ def examples(documents: list[str]) -> tuple[list[tuple[str, str]], dict[str, int
     return kept, counts
 
 
-def _sha256(path: pathlib.Path) -> str:
+def sha256_of(path: pathlib.Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _source_md(counts: dict[str, int], sizes: dict[str, int],
                output_dir: pathlib.Path) -> str:
     inputs = "\n".join(f"| `{p.relative_to(DATA_DIR.parent)}` | {p.stat().st_size:,} | "
-                       f"`{_sha256(p)}` |" for p in CORPUS_FILES)
+                       f"`{sha256_of(p)}` |" for p in CORPUS_FILES)
     outputs = "\n".join(f"| `{split}.tsv` | {sizes[split]:,} | "
-                        f"`{_sha256(output_dir / f'{split}.tsv')}` |" for split in SPLITS)
+                        f"`{sha256_of(output_dir / f'{split}.tsv')}` |" for split in SPLITS)
     return f"""# pydocs section titles: a fine-tuning task
 
 **What.** Supervised text-to-text examples: a paragraph of the Python reference
@@ -169,11 +169,14 @@ rebuilds byte for byte anywhere:
 """
 
 
-def build(output_dir: pathlib.Path = OUTPUT_DIR) -> dict[str, str]:
-    """Writes the two TSV files and SOURCE.md; returns {file name: sha256}."""
+def write_task(examples_of, source_md, output_dir: pathlib.Path) -> dict[str, str]:
+    """Builds a text-to-text task from the bundled corpus: `examples_of(documents)`
+    -> (pairs, counts); writes train.tsv, validation.tsv (split by `is_validation`)
+    and `source_md(counts, sizes, output_dir)` as SOURCE.md; returns {file: sha256}.
+    Shared with data/build_code_names.py."""
     documents = [line.rstrip("\n") for path in CORPUS_FILES
                  for line in path.read_text(encoding="utf-8").splitlines()]
-    pairs, counts = examples(documents)
+    pairs, counts = examples_of(documents)
     output_dir.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for split in SPLITS:
@@ -183,17 +186,28 @@ def build(output_dir: pathlib.Path = OUTPUT_DIR) -> dict[str, str]:
         path.write_bytes("".join(f"{p}\t{t}\n" for p, t in rows).encode("utf-8"))
         sizes[split] = path.stat().st_size
     (output_dir / "SOURCE.md").write_bytes(
-        _source_md(counts, sizes, output_dir).encode("utf-8"))
-    return {name: _sha256(output_dir / name)
+        source_md(counts, sizes, output_dir).encode("utf-8"))
+    return {name: sha256_of(output_dir / name)
             for name in (*(f"{s}.tsv" for s in SPLITS), "SOURCE.md")}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output_dir", type=pathlib.Path, default=OUTPUT_DIR)
+def build(output_dir: pathlib.Path = OUTPUT_DIR) -> dict[str, str]:
+    """Writes the two TSV files and SOURCE.md; returns {file name: sha256}."""
+    return write_task(examples, _source_md, output_dir)
+
+
+def run(build_fn, description: str, default_output: pathlib.Path,
+        argv: list[str] | None = None) -> None:
+    """The command line of a task build script: --output_dir, then the digests."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--output_dir", type=pathlib.Path, default=default_output)
     args = parser.parse_args(argv)
-    for name, digest in build(args.output_dir).items():
+    for name, digest in build_fn(args.output_dir).items():
         print(f"{digest}  {name}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(build, __doc__.splitlines()[0], OUTPUT_DIR, argv)
 
 
 if __name__ == "__main__":

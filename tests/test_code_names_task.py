@@ -1,7 +1,6 @@
 """The second bundled fine-tuning task and the fine-tuning mixture: reproducible
 build, the examples it holds, and the mixture sampling its tasks at their rates."""
 
-import hashlib
 import os
 import pathlib
 import re
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 from data import build_code_names
+from test_finetune_task import check_reproducible
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "data" / "code_names"
@@ -23,14 +23,7 @@ def rows(split, folder=BUNDLED):
 
 
 def test_build_is_reproducible_byte_for_byte(tmp_path):
-    hashes = build_code_names.build(tmp_path)
-    for name, digest in hashes.items():
-        assert (tmp_path / name).read_bytes() == (BUNDLED / name).read_bytes(), name
-        assert hashlib.sha256((BUNDLED / name).read_bytes()).hexdigest() == digest
-    source = (BUNDLED / "SOURCE.md").read_text()
-    for name in ("train.tsv", "validation.tsv"):
-        assert f"`{hashes[name]}`" in source
-    assert "PSF licence" in source and "data/corpus/LICENSE" in source
+    check_reproducible(build_code_names.build, BUNDLED, tmp_path)
     assert os.path.getsize(BUNDLED / "train.tsv") < 400_000
 
 

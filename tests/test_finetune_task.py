@@ -12,15 +12,21 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "data" / "section_titles"
 
 
-def test_build_is_reproducible_byte_for_byte(tmp_path):
-    hashes = build_section_titles.build(tmp_path)
+def check_reproducible(build, bundled: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """`build` rewrites the shipped files byte for byte, and their SOURCE.md states
+    their digests and the corpus licence (shared with test_code_names_task.py)."""
+    hashes = build(tmp_path)
     for name, digest in hashes.items():
-        assert (tmp_path / name).read_bytes() == (BUNDLED / name).read_bytes(), name
-        assert hashlib.sha256((BUNDLED / name).read_bytes()).hexdigest() == digest
-    source = (BUNDLED / "SOURCE.md").read_text()
+        assert (tmp_path / name).read_bytes() == (bundled / name).read_bytes(), name
+        assert hashlib.sha256((bundled / name).read_bytes()).hexdigest() == digest
+    source = (bundled / "SOURCE.md").read_text()
     for name in ("train.tsv", "validation.tsv"):
         assert f"`{hashes[name]}`" in source
     assert "PSF licence" in source and "data/corpus/LICENSE" in source
+
+
+def test_build_is_reproducible_byte_for_byte(tmp_path):
+    check_reproducible(build_section_titles.build, BUNDLED, tmp_path)
     train = (BUNDLED / "train.tsv").read_text(encoding="utf-8").splitlines()
     validation = (BUNDLED / "validation.tsv").read_text(encoding="utf-8").splitlines()
     assert (len(train), len(validation)) == (766, 100)
