@@ -62,7 +62,8 @@ def adapted_params(family, scan, seed=0):
     return trainable.merge(jax.device_get(adapters), base_params(family, scan))
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["loop", "scan"])   # scanned: ~25 s each, the slow pass
 @pytest.mark.parametrize("family", ["t5", "decoder"])
 def test_lora_at_init_is_exactly_the_base_model(family, scan):
     params = adapted_params(family, scan)
