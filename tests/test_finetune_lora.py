@@ -87,8 +87,9 @@ def run_steps(family, partitioner, *, steps=3, scan=False, adapter=ADAPTER):
     lengths = LENGTHS if family == "t5" else {"decoder_target_tokens": 8}
     layout = trainer.state_layout(model=model, optimizer=optimizer, partitioner=partitioner,
                                   feature_lengths=lengths)
-    state, _ = trainer.init_state(model=model, optimizer=optimizer, partitioner=partitioner,
-                                  feature_lengths=lengths, seed=0, layout=layout)
+    state = trainer.init_train_state(model=model, optimizer=optimizer,
+                                     partitioner=partitioner, feature_lengths=lengths,
+                                     seed=0, layout=layout)
     adapters, frozen = trainable.split(adapted_params(family, scan), lora.TRAINABLE_PATTERN)
     state = state.replace(params=jax.device_put(adapters, layout.shardings.params))
     frozen = jax.device_put(jax.tree.map(lambda x: x.astype(adapter.frozen_dtype), frozen),

@@ -150,12 +150,17 @@ def committed_steps(directory: str) -> list[int]:
     return sorted(ocp.path.step.checkpoint_steps(storage.resolve(directory)))
 
 
+def existing_steps(directory: str) -> list[int]:
+    """`committed_steps`, or [] when `directory` does not exist."""
+    try:
+        return committed_steps(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
 def latest_committed_step(directory: str) -> int | None:
     """The newest complete step in `directory`; None if it has none (or is missing)."""
-    try:
-        steps = committed_steps(directory)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+    steps = existing_steps(directory)
     return steps[-1] if steps else None
 
 

@@ -80,8 +80,7 @@ def export_run_checkpoint(*, run: Any, model_dir: str, checkpoint: str | None, k
 
 
 def _step(directory: str, wanted: str | None) -> int:
-    steps = checkpoints.committed_steps(directory) if checkpoints.latest_committed_step(
-        directory) is not None else []
+    steps = checkpoints.existing_steps(directory)
     if not steps:
         raise errors.InputNotFoundError(f"no checkpoints in {directory}",
                                         fix="train first, or check MODEL_DIR")

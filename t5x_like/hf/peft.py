@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import numpy as np
 
 from t5x_like.finetuning import lora
 from t5x_like.hf import llama, safetensors_io, t5

@@ -73,19 +73,19 @@ def _optimizer_state_logical_specs(opt_state: Any, params: Any,
 
 
 def _make_init_fn(model: Model, optimizer: Optimizer, feature_lengths: Mapping[str, int]
-                  ) -> Callable[[jax.Array], tuple[TrainState, Any]]:
-    """init(rng) -> (TrainState of the trainable parameters, frozen parameters)."""
+                  ) -> Callable[[jax.Array], TrainState]:
+    """init(rng) -> the TrainState of the trainable parameters. An adapter run's
+    frozen base is left out, so XLA never computes it (init_from supplies it)."""
     shape_kwargs = model.init_lengths(feature_lengths)
 
-    def init(rng: jax.Array) -> tuple[TrainState, Any]:
+    def init(rng: jax.Array) -> TrainState:
         boxed = model.init_params(rng, batch_size=1, **shape_kwargs)
-        params, frozen = trainable.split(nn.unbox(boxed), model.trainable_pattern)
-        frozen = jax.tree.map(lambda x: x.astype(model.frozen_dtype), frozen)
+        params, _ = trainable.split(nn.unbox(boxed), model.trainable_pattern)
         # Adafactor factors by logical axis names: its state is built from them.
         axes, _ = trainable.split(nn.get_partition_spec(boxed), model.trainable_pattern)
         tx = optimizer.transform_for(axes)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params)), frozen
+                          opt_state=tx.init(params))
     return init
 
 
@@ -108,7 +108,7 @@ def state_layout(*, model: Model, optimizer: Optimizer, partitioner: Partitioner
                                      feature_lengths=feature_lengths)
     rng = jax.random.key(0)
     with partitioner.context():
-        abstract, _ = jax.eval_shape(_make_init_fn(model, optimizer, feature_lengths), rng)
+        abstract = jax.eval_shape(_make_init_fn(model, optimizer, feature_lengths), rng)
     pattern = model.trainable_pattern
     param_specs, frozen_specs = trainable.split(params.logical_specs, pattern)
     opt_specs = _optimizer_state_logical_specs(
@@ -127,23 +127,12 @@ def state_layout(*, model: Model, optimizer: Optimizer, partitioner: Partitioner
                        frozen=frozen)
 
 
-def init_state(*, model: Model, optimizer: Optimizer, partitioner: Partitioner,
-               feature_lengths: Mapping[str, int], seed: int,
-               layout: StateLayout) -> tuple[TrainState, Any]:
-    """(state, frozen parameters), created directly in their shards (each device
-    builds only its part); frozen is {} in a full run."""
-    init = _make_init_fn(model, optimizer, feature_lengths)
-    frozen_shardings = {} if layout.frozen is None else layout.frozen.shardings
-    return partitioner.jit(init, out_shardings=(layout.shardings, frozen_shardings))(
-        jax.random.key(seed))
-
-
 def init_train_state(*, model: Model, optimizer: Optimizer, partitioner: Partitioner,
                      feature_lengths: Mapping[str, int], seed: int,
                      layout: StateLayout) -> TrainState:
-    """The state alone (a full run's, or an adapter run's with a fresh base)."""
-    return init_state(model=model, optimizer=optimizer, partitioner=partitioner,
-                      feature_lengths=feature_lengths, seed=seed, layout=layout)[0]
+    """Creates the state directly in its shards (each device builds only its part)."""
+    init = _make_init_fn(model, optimizer, feature_lengths)
+    return partitioner.jit(init, out_shardings=layout.shardings)(jax.random.key(seed))
 
 
 # --------------------------------------------------------------------------- step
