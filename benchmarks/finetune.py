@@ -1,10 +1,13 @@
-"""Fine-tuning on this CPU: full against LoRA (rank 8 and 16), as `launch.train` runs them.
+"""Fine-tuning on this CPU: full against LoRA (rank 8 and 16) and prompt tuning (20
+vectors), as `launch.train` runs them.
 
     .venv/bin/python -m benchmarks.finetune                      # both models, 60/10 steps
     .venv/bin/python -m benchmarks.finetune --models cpu --steps 300
+    .venv/bin/python -m benchmarks.finetune --methods full prompt   # some rows only
 
 Models (each fine-tuned on the bundled task pydocs_section_titles, 256 -> 32 tokens,
-batch 16 packed rows, the recipes of configs/runs/finetune.gin and finetune_lora.gin):
+batch 16 packed rows, the recipes of configs/runs/finetune.gin, finetune_lora.gin and
+finetune_prompt.gin):
   cpu    the CPU default (configs/t5_1_1_cpu.gin) from the default pretrained run
          runs/base (train it first: `python -m launch.train --gin_file=configs/base.gin`),
          plus the same steps from scratch: the baseline that says whether the
@@ -35,15 +38,18 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / 'benchmarks' / 'results' / 'finetune.json'
 FULL, LORA = 'configs/finetune_section_titles.gin', 'configs/finetune_lora_section_titles.gin'
+PROMPT = 'configs/finetune_prompt_section_titles.gin'
 # method -> (gin file, extra bindings)
 METHODS = {
     'full': (FULL, []),
     'lora_r8': (LORA, ['lora.LoRA.rank=8', 'lora.LoRA.alpha=16.0']),
     'lora_r16': (LORA, ['lora.LoRA.rank=16', 'lora.LoRA.alpha=32.0']),
+    'prompt': (PROMPT, []),
     'scratch': (FULL, ['train_loop.train.init_from=None']),
 }
-MODELS = {'cpu': ('configs/models/t5_1_1_cpu.gin', ['full', 'lora_r8', 'lora_r16', 'scratch']),
-          'small': ('configs/models/t5_1_1_small.gin', ['full', 'lora_r8', 'lora_r16'])}
+MODELS = {'cpu': ('configs/models/t5_1_1_cpu.gin',
+                  ['full', 'lora_r8', 'lora_r16', 'prompt', 'scratch']),
+          'small': ('configs/models/t5_1_1_small.gin', ['full', 'lora_r8', 'lora_r16', 'prompt'])}
 FIRST_TIMED_STEP = 6
 
 
@@ -134,6 +140,8 @@ def main() -> None:
     parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
     parser.add_argument('--steps', type=int, default=60, help='steps of the cpu model')
     parser.add_argument('--small_steps', type=int, default=10, help='steps of T5.1.1-small')
+    parser.add_argument('--methods', nargs='+', choices=list(METHODS),
+                        help='only these rows (default: every row of each model)')
     parser.add_argument('--pretrained', default='runs/base/checkpoints')
     parser.add_argument('--output', default=str(RESULTS), help='where the JSON goes')
     parser.add_argument('--child', nargs=2, metavar=('MODEL', 'METHOD'))
@@ -153,7 +161,8 @@ def main() -> None:
             pretrained = (str(ROOT / args.pretrained) if model == 'cpu'
                           else small_base(workdir))
             steps = args.steps if model == 'cpu' else args.small_steps
-            for method in MODELS[model][1]:
+            for method in [m for m in MODELS[model][1]
+                           if not args.methods or m in args.methods]:
                 results.append(run_child(model, method, pretrained=pretrained, steps=steps,
                                          model_dir=os.path.join(workdir, model, method)))
                 print(f"{model}/{method}: {results[-1]['s_per_step']:.2f} s/step",

@@ -35,6 +35,11 @@ def export_run_checkpoint(*, run: Any, model_dir: str, checkpoint: str | None, k
     adapter = getattr(model, "adapter", None)
     if kind not in KINDS:
         raise errors.ConfigError(f"--format={kind}", fix=f"choose one of {list(KINDS)}")
+    if getattr(model, "soft_prompt_length", 0):
+        raise errors.ConfigError(
+            "this run prompt-tunes: its soft prompt is not a weight of the Hugging Face "
+            "model and cannot be merged into one",
+            fix="use the run with launch.eval and launch.infer, or export its base run")
     if kind == "peft" and not isinstance(adapter, lora.LoRA):
         raise errors.ConfigError("--format=peft exports LoRA adapters, and this run's model "
                                  "has none", fix="use --format=hf, or the LoRA run's gin file")

@@ -12,6 +12,8 @@ modules that need them, so this package imports nothing by itself:
   TensorFlow / seqio:
     pipeline       SeqioDataSource: a task or mixture as per-shard iterators whose
                    position is saved in the checkpoint (constant-time resume)
+    seqio_converters  the seqio converter of a converters entry, with a soft prompt's
+                   placeholders for a prompt-tuned model
     preprocessors  the pretraining objectives: span corruption, causal LM, prefix LM
     sources        text / JSONL / TFRecord / TFDS sources with counted bad-record skips
     vocabularies   the bundled SentencePiece model, any other, or bytes

@@ -43,7 +43,7 @@ import seqio
 import tensorflow as tf
 
 from t5x_like import errors
-from t5x_like.data import converters, iterator_state
+from t5x_like.data import converters, iterator_state, seqio_converters
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +214,10 @@ class SeqioDataSource:
     most 32 (`default_threads`); see benchmarks/RESULTS.md ("Data pipeline" for
     throughput at 2 and 8 threads, "The launcher against the step" for why the
     pipeline does not slow the step on 2 cores).
+
+    soft_prompt_length: N placeholder tokens in front of every example's inputs, for
+    a prompt-tuned model with a prompt of N vectors (finetuning/prompt_tuning.py);
+    the encoder (or prefix) is then N longer than task_feature_lengths says.
     """
 
     mixture_or_task_name: str
@@ -226,9 +230,11 @@ class SeqioDataSource:
     feature_converter: str = "enc_dec"
     threads: int | None = None
     prefetch_batches: int = 2
+    soft_prompt_length: int = 0
 
     def __post_init__(self):
         converter = converters.get(self.feature_converter)
+        converters.check_soft_prompt(self.feature_converter, self.soft_prompt_length)
         for key, length in self.task_feature_lengths.items():
             if not isinstance(length, (int, np.integer)) or length <= 0:
                 raise errors.ConfigError(
@@ -290,16 +296,13 @@ class SeqioDataSource:
             mixture_or_task_name=self.mixture_or_task_name,
             task_feature_lengths=self.task_feature_lengths,
             feature_converter=self.feature_converter, split=split,
-            num_examples=num_examples)
-
-    def _converter(self) -> seqio.FeatureConverter:
-        spec = converters.get(self.feature_converter)
-        return getattr(seqio, spec.seqio_class)(pack=self.pack, **spec.seqio_kwargs)
+            num_examples=num_examples, soft_prompt_length=self.soft_prompt_length)
 
     def model_feature_lengths(self) -> dict[str, int]:
         """Lengths of the batch features the model sees, e.g. encoder_input_tokens."""
         return converters.model_feature_lengths(
-            self.task_feature_lengths, converter=self.feature_converter, pack=self.pack)
+            self.task_feature_lengths, converter=self.feature_converter, pack=self.pack,
+            soft_prompt_length=self.soft_prompt_length)
 
     def check(self, *, shard_index: int, num_shards: int) -> None:
         """Raises a RunError now if this shard cannot yield examples: a source that is
@@ -325,7 +328,9 @@ class SeqioDataSource:
         ds = seqio.get_dataset(
             provider,
             task_feature_lengths=dict(self.task_feature_lengths),
-            feature_converter=self._converter(),
+            feature_converter=seqio_converters.build(
+                self.feature_converter, pack=self.pack,
+                soft_prompt_length=self.soft_prompt_length),
             dataset_split=self.split,
             use_cached=self.use_cached,
             shuffle=self.shuffle,
@@ -349,6 +354,8 @@ class SeqioDataSource:
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                     if f.name not in ("threads", "prefetch_batches")}
         settings["task_feature_lengths"] = dict(self.task_feature_lengths)
+        if not self.soft_prompt_length:     # as streams were named before prompt tuning
+            del settings["soft_prompt_length"]
         return json.loads(json.dumps(settings, sort_keys=True))  # as JSON reads back
 
     def vocabulary_size(self) -> int:

@@ -24,7 +24,7 @@ import seqio
 import tensorflow as tf
 from seqio import metrics as seqio_metrics
 
-from t5x_like.data import converters
+from t5x_like.data import seqio_converters
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,11 @@ class PredictionMetrics:
 
     def __init__(self, *, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
                  feature_converter: str, split: str = "validation",
-                 num_examples: int | None = None):
-        """num_examples: score only the first N examples of each task's split."""
-        spec = converters.get(feature_converter)
-        converter = getattr(seqio, spec.seqio_class)(pack=False, **spec.seqio_kwargs)
+                 num_examples: int | None = None, soft_prompt_length: int = 0):
+        """num_examples: score only the first N examples of each task's split.
+        soft_prompt_length: a prompt-tuned model's placeholders before the inputs."""
+        converter = seqio_converters.build(feature_converter, pack=False,
+                                           soft_prompt_length=soft_prompt_length)
         self._evaluator = seqio.Evaluator(
             mixture_or_task_name=mixture_or_task_name, feature_converter=converter,
             eval_split=split, sequence_length=dict(task_feature_lengths),

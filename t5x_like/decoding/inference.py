@@ -36,6 +36,7 @@ import numpy as np
 
 from t5x_like import run_dir, storage
 from t5x_like.checkpointing import base_model, checkpoints
+from t5x_like.data import converters
 from t5x_like.decoding import decode
 from t5x_like.parallel import partitioning
 from t5x_like.parallel import params_layout
@@ -69,12 +70,16 @@ class PromptLayout:
 
     converter: str            # 'enc_dec' | 'lm' | 'prefix_lm'
     bos_id: int | None = 0    # prepended for 'lm' (None: nothing)
+    # A prompt-tuned model's placeholders, before the inputs as in training
+    # (data/seqio_converters.py); its soft prompt replaces them.
+    soft_prompt_length: int = 0
 
     def model_tokens(self, ids: Sequence[int]) -> list[int]:
+        placeholders = [converters.SOFT_PROMPT_ID] * self.soft_prompt_length
         if self.converter == "enc_dec":
-            return list(ids)
+            return [*placeholders, *ids]
         if self.converter == "prefix_lm":
-            return [0, *ids]
+            return [0, *placeholders, *ids]
         return list(ids) if self.bos_id is None else [self.bos_id, *ids]
 
     def batch(self, prompts: Sequence[Sequence[int]], *, width: int) -> dict[str, np.ndarray]:
@@ -211,8 +216,10 @@ def from_run(*, model_dir: str, checkpoint: str | None, run: Any) -> Source:
     from t5x_like.data import task_examples
     vocabulary, append_eos = task_examples.prompt_vocabulary(data.mixture_or_task_name)
     lengths = dict(data.task_feature_lengths)
-    prompt_slots = {"enc_dec": lengths.get("inputs"), "lm": lengths.get("targets"),
-                    "prefix_lm": lengths.get("inputs", 0) + 1}[converter]
+    soft_prompt = run.model.soft_prompt_length
+    prompt_slots = {"enc_dec": lengths.get("inputs", 0) + soft_prompt,
+                    "lm": lengths.get("targets"),
+                    "prefix_lm": lengths.get("inputs", 0) + soft_prompt + 1}[converter]
     partitioner = run.partitioner()
 
     def load():
@@ -224,7 +231,7 @@ def from_run(*, model_dir: str, checkpoint: str | None, run: Any) -> Source:
         finally:
             reader.close()
     return Source(name=f"{model_dir} step {step}", partitioner=partitioner,
-                  layout=PromptLayout(converter=converter),
+                  layout=PromptLayout(converter=converter, soft_prompt_length=soft_prompt),
                   codec=TextCodec(tokenizer=vocabulary, eos_id=vocabulary.eos_id,
                                   append_eos=append_eos),
                   eos_id=vocabulary.eos_id, max_input_length=prompt_slots,

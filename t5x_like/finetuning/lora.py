@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from t5x_like import errors
+from t5x_like.finetuning import trainable
 from t5x_like.models import layers
 
 # Attention projections of both families (T5: query/key/value/out of self- and
@@ -71,15 +72,14 @@ class LoRA:
     frozen_dtype: str = 'float32'
 
     trainable_pattern = TRAINABLE_PATTERN
+    soft_prompt_length = 0       # LoRA adds no input tokens
 
     def __post_init__(self):
         if self.rank < 1 or not 0.0 <= self.dropout_rate < 1.0:
             raise errors.ConfigError(
                 f"LoRA rank={self.rank}, dropout_rate={self.dropout_rate}",
                 fix="set lora.LoRA.rank >= 1 and 0 <= dropout_rate < 1")
-        if self.frozen_dtype not in ('float32', 'bfloat16'):
-            raise errors.ConfigError(f"LoRA frozen_dtype={self.frozen_dtype!r}",
-                                     fix="choose 'float32' or 'bfloat16'")
+        trainable.check_frozen_dtype('LoRA', self.frozen_dtype)
         try:
             re.compile(self.targets_regex)
         except re.error as e:

@@ -15,6 +15,18 @@ from __future__ import annotations
 import re
 from flax import traverse_util
 
+from t5x_like import errors
+
+# What an adapter may hold its frozen base in (the model computes in its own dtype).
+FROZEN_DTYPES = ("float32", "bfloat16")
+
+
+def check_frozen_dtype(adapter: str, frozen_dtype: str) -> None:
+    """ConfigError unless `frozen_dtype` is one of FROZEN_DTYPES."""
+    if frozen_dtype not in FROZEN_DTYPES:
+        raise errors.ConfigError(f"{adapter} frozen_dtype={frozen_dtype!r}",
+                                 fix=f"choose one of {list(FROZEN_DTYPES)}")
+
 
 def split(tree: dict, pattern: str | None) -> tuple[dict, dict]:
     """(trainable, frozen) halves of a parameter-shaped tree (values, specs or

@@ -232,6 +232,8 @@ class Decoder(nn.Module):
         cos, sin = layers.rope_tables(decoder_positions, rope_inverse_frequencies(cfg))
 
         x = embedder(decoder_input_tokens).astype(dtype)
+        # Input position p holds target token p - 1 (position 0: the start token).
+        x = layers.SoftPrompt(name='soft_prompt')(x, decoder_positions - 1)
         x = nn.with_logical_constraint(x, layers.BLE)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout)
 

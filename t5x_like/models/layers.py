@@ -120,6 +120,25 @@ class Embed(nn.Module):
         )
 
 
+class SoftPrompt(nn.Module):
+    """Where a soft prompt enters the model: the identity here, holding no parameters.
+
+    Both families call it on their input embeddings, right after the lookup, with
+    each token's index within its example's input (`input_index_BxL`: the encoder's
+    in-segment position; the decoder-only family's position minus one, the first
+    being the shifted-in start token). Prompt tuning (finetuning/prompt_tuning.py)
+    intercepts the call and writes its learned vectors over the tokens at indices
+    0 .. N-1, the N placeholders the data layer puts at the start of every example's
+    inputs (data/converters.py, `SOFT_PROMPT_ID`); packing, padding and decoding need
+    nothing more, because those indices are per example.
+    """
+
+    @nn.compact
+    def __call__(self, x_BxLxD: Array, input_index_BxL: Array) -> Array:
+        del input_index_BxL
+        return x_BxLxD
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def project_trailing(x: Array, kernel: Array, num_contracted: int, dtype: Any,
                      out_dtype: Any) -> Array:

@@ -9,9 +9,11 @@ Module names are stable (`token_embedder`, `encoder/layers_0/attention/query`,
 `decoder/logits_dense`, ...) because checkpoints and partitioning rules key on
 them.
 
-Position ids (`*_positions`) are accepted but unused: T5's relative position
-bias depends only on key_index - query_index, which is the same inside a packed
-segment wherever the segment starts, and attention never crosses segments.
+Position ids (`*_positions`) are accepted but the network does not need them: T5's
+relative position bias depends only on key_index - query_index, which is the same
+inside a packed segment wherever the segment starts, and attention never crosses
+segments. Only a soft prompt (prompt tuning) reads the encoder's, to find each
+example's first tokens.
 """
 
 from __future__ import annotations
@@ -148,7 +150,10 @@ class Encoder(nn.Module):
     shared_embedding: nn.Module
 
     @nn.compact
-    def __call__(self, tokens_BxL: Array, *, segment_ids_BxL: Array, enable_dropout: bool) -> Array:
+    def __call__(self, tokens_BxL: Array, *, segment_ids_BxL: Array,
+                 positions_BxL: Array | None = None, enable_dropout: bool) -> Array:
+        """positions_BxL: each token's position within its example (packed batches
+        carry them; unpacked rows start at 0). Only a soft prompt reads them."""
         cfg = self.config
         dtype = cfg.compute_dtype
         length = tokens_BxL.shape[1]
@@ -158,8 +163,14 @@ class Encoder(nn.Module):
                                             q_segment_ids=segment_ids_BxL,
                                             kv_segment_ids=segment_ids_BxL)
         bias_1xHxLxL = _relpos_bias(cfg, length, length, bidirectional=True)
-        x_BxLxD = drop(_embed(self.shared_embedding, tokens_BxL, dtype),
-                       deterministic=not enable_dropout)
+        if positions_BxL is None:
+            positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32),
+                                             tokens_BxL.shape)
+        # Padding is no example's token (packing gives it position 0).
+        input_index_BxL = jnp.where(segment_ids_BxL > 0, positions_BxL, -1)
+        x_BxLxD = layers.SoftPrompt(name='soft_prompt')(
+            _embed(self.shared_embedding, tokens_BxL, dtype), input_index_BxL)
+        x_BxLxD = drop(x_BxLxD, deterministic=not enable_dropout)
         x_BxLxD = _stack(t5_layers.EncoderLayer, cfg, cfg.num_encoder_layers, enable_dropout,
                          x_BxLxD, bias_1xHxLxL, mask_Bx1xLxL)
         x_BxLxD = layers.RMSNorm(dtype=dtype, name='encoder_norm')(x_BxLxD)
@@ -254,10 +265,10 @@ class Transformer(nn.Module):
         enable_dropout: bool = True,
     ) -> Array:
         """Encoder output [B, Le, emb_dim] in the compute dtype."""
-        del encoder_positions  # Relative biases need only index differences.
+        # Relative biases need only index differences; a soft prompt reads positions.
         segments = _segments_or_nonpad(encoder_segment_ids, encoder_input_tokens)
         return self.encoder(encoder_input_tokens, segment_ids_BxL=segments,
-                            enable_dropout=enable_dropout)
+                            positions_BxL=encoder_positions, enable_dropout=enable_dropout)
 
     def decode(self, encoded: Array, encoder_input_tokens: Array,
                decoder_input_tokens: Array, *, encoder_segment_ids: Array | None = None,

@@ -58,6 +58,10 @@ class Model(Protocol):
     def frozen_dtype(self) -> str:
         """The dtype of the parameters training does not update (an adapter's base)."""
 
+    @property
+    def soft_prompt_length(self) -> int:
+        """Placeholder tokens the data puts before each example's inputs (0: none)."""
+
 
 class Adapter(Protocol):
     """A parameter-efficient method that adds its own parameters to a model's and
@@ -69,6 +73,9 @@ class Adapter(Protocol):
     # The dtype the frozen base is held in ('float32', or 'bfloat16' for half the
     # memory; the model computes in its own dtype either way).
     frozen_dtype: str
+    # Placeholder tokens the data must put before every example's inputs, which the
+    # adapter's soft prompt replaces (finetuning/prompt_tuning.py); 0 for the others.
+    soft_prompt_length: int
 
     def applied(self, *, enable_dropout: bool) -> ContextManager[None]:
         """A context in which the module's layers create and use the adapter."""
@@ -97,6 +104,11 @@ class TrainableLM:
     def frozen_dtype(self) -> str:
         """The dtype of the parameters training does not update (an adapter's base)."""
         return 'float32' if self.adapter is None else self.adapter.frozen_dtype
+
+    @property
+    def soft_prompt_length(self) -> int:
+        """Placeholder tokens the data puts before each example's inputs (0: none)."""
+        return 0 if self.adapter is None else self.adapter.soft_prompt_length
 
     def adapted(self, *, enable_dropout: bool = False) -> ContextManager[None]:
         """Where the module's `init` and `apply` run: with the adapter, if any."""

@@ -70,7 +70,7 @@ LOGICAL_AXIS_RULES: LogicalRules = (
     # Replicated: what is left (and the fallbacks of the axes above).
     ("embed", None), ("mlp", None), ("heads", None), ("kv_heads", None), ("vocab", None),
     ("kv", None), ("length", None), ("relpos_buckets", None), ("layers", None),
-    ("lora_rank", None),
+    ("lora_rank", None), ("soft_prompt_length", None),
 )
 KNOWN_LOGICAL_AXES = frozenset(name for name, _ in LOGICAL_AXIS_RULES)
 # Axes replicated, rather than refused, when a model has fewer of them than the mesh

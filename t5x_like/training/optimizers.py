@@ -116,6 +116,7 @@ ADAFACTOR_FACTOR_AXES = {
     "vocab": "column",
     "relpos_buckets": None,
     "lora_rank": None,      # finetuning/lora.py: an adapter's rank dimension
+    "soft_prompt_length": None,   # finetuning/prompt_tuning.py: the prompt's positions
     "layers": "batch",
 }
 

@@ -58,6 +58,7 @@ class RunConfig:
                 fix="choose a num_microbatches that divides the batch")
         if self.train_data is not None:
             check_vocabulary(self.model, self.train_data)
+            check_soft_prompt(self.model, self.train_data)
 
     def feature_lengths(self) -> dict[str, int]:
         """The batch's features and their lengths, as the data source yields them."""
@@ -102,6 +103,22 @@ def check_vocabulary(model: Model, train_data: DataSource) -> None:
             f"of {needed} ids (sentinel/extra ids included)",
             fix=f"set {setting} >= {needed} (T5 rounds it up to a multiple of 128, e.g. "
             "32100 -> 32128)")
+
+
+def check_soft_prompt(model: Model, train_data: DataSource) -> None:
+    """A prompt-tuned model's prompt length must be the placeholders the data puts
+    before each example's inputs: with fewer, the prompt overwrites the example's
+    own first tokens; with more, placeholders reach the model as tokens. Checked here,
+    before any model init."""
+    wanted = model.soft_prompt_length
+    reserved = getattr(train_data, "soft_prompt_length", 0)
+    if wanted != reserved:
+        raise errors.ConfigError(
+            f"the model's soft prompt has {wanted} vectors but the data puts {reserved} "
+            "placeholder tokens before each example's inputs",
+            fix="set both from one macro, as configs/runs/finetune_prompt.gin does "
+            "(prompt_tuning.PromptTuning.length and "
+            "pipeline.SeqioDataSource.soft_prompt_length = %PROMPT_LENGTH)")
 
 
 def from_gin(**overrides: Any) -> RunConfig:

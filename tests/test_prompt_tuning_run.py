@@ -1,0 +1,65 @@
+"""A prompt-tuning run as a user runs it: from a pretrained run's checkpoint, the
+prompt alone in its checkpoints, launch.eval and launch.infer through the same
+placeholders, and the settings that cannot work refused in one line."""
+
+import json
+import os
+
+import data.tasks  # noqa: F401 - registers pydocs_section_titles
+
+from launch_helpers import run_launcher
+from t5x_like.checkpointing import checkpoints
+
+GIN = "tests/configs/tiny_prompt_run.gin"
+TASK = "pydocs_section_titles"
+
+
+def one_error_line(log):
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in log, log[-3000:]
+    return errors[0]
+
+
+def test_prompt_run_checkpoints_the_prompt_evaluates_and_decodes(tmp_path, straight_run):
+    model_dir, pretrained = str(tmp_path / "prompt"), f"{straight_run}/checkpoints"
+    base = f"--gin.PRETRAINED_DIR='{pretrained}'"
+    log = run_launcher("train", model_dir, base, gin_file=GIN)
+    assert f"Frozen base: {pretrained} step 6 (fingerprint" in log
+    assert "training 128 of the model's" in log       # 4 vectors of the tiny model's 32
+    eval_line = next(line for line in log.splitlines()
+                     if f"eval step 2 | {TASK} | loss" in line)
+
+    ckpt = os.path.join(model_dir, "checkpoints")
+    reader = checkpoints.CheckpointReader(ckpt)
+    params = [k for k in reader._state_metadata(2) if k.startswith("params/")]
+    reader.close()
+    assert params == ["params/encoder/soft_prompt/prompt"]
+
+    # launch.eval scores exactly what in-loop eval scored (the same placeholders),
+    # and decodes the validation examples with the prompt.
+    log = run_launcher("eval", model_dir, base, "--checkpoint=latest", gin_file=GIN)
+    loss = eval_line.split("| loss ")[1].split(" |")[0]
+    assert f"eval step 2 | {TASK} | loss {loss} |" in log
+    with open(os.path.join(model_dir, "eval", "checkpoint_2.json")) as f:
+        assert "greedy/exact_match" in json.load(f)["tasks"][TASK]
+
+    out = tmp_path / "predictions.jsonl"
+    run_launcher("infer", model_dir, base, f"--task={TASK}", "--limit=2",
+                 f"--output={out}", gin_file=GIN)
+    assert len(out.read_text().splitlines()) == 2
+
+    # No Hugging Face weight holds a soft prompt: one line, before reading anything.
+    line = one_error_line(run_launcher("export", model_dir, base, "--format=hf",
+                                       f"--output_dir={tmp_path / 'hf'}", gin_file=GIN,
+                                       expect_rc=1))
+    assert "this run prompt-tunes" in line and not (tmp_path / "hf").exists()
+
+
+def test_a_prompt_the_data_does_not_reserve_stops_before_model_init(tmp_path, straight_run):
+    model_dir = str(tmp_path / "prompt")
+    log = run_launcher("train", model_dir, f"--gin.PRETRAINED_DIR='{straight_run}/checkpoints'",
+                       "--gin.pipeline.SeqioDataSource.soft_prompt_length=0", gin_file=GIN,
+                       expect_rc=1)
+    line = one_error_line(log)
+    assert "soft prompt has 4 vectors but the data puts 0 placeholder tokens" in line
+    assert not os.path.exists(os.path.join(model_dir, "checkpoints"))
