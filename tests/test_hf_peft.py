@@ -1,5 +1,6 @@
-"""LoRA adapters exported for Hugging Face PEFT: `peft` loads them onto the HF base
-and gets our adapted model's logits; the merged export loads in plain transformers."""
+"""LoRA adapters and T5 soft prompts exported for Hugging Face PEFT: `peft` loads them
+onto the HF base and gets our adapted model's logits; the merged export loads in plain
+transformers."""
 
 import dataclasses
 import json
@@ -17,7 +18,8 @@ peft = pytest.importorskip('peft')
 import test_hf_llama  # noqa: E402 - random HF Llama checkpoints
 import test_hf_t5  # noqa: E402 - random HF T5 checkpoints
 from t5x_like import tree_paths  # noqa: E402
-from t5x_like.finetuning import lora, trainable  # noqa: E402
+from t5x_like.data import converters  # noqa: E402
+from t5x_like.finetuning import lora, prompt_tuning, trainable  # noqa: E402
 from t5x_like.hf import llama as hf_llama  # noqa: E402
 from t5x_like.hf import peft as hf_peft  # noqa: E402
 from t5x_like.hf import t5 as hf_t5  # noqa: E402
@@ -98,4 +100,30 @@ def test_peft_loads_our_adapter_and_transformers_our_merged_export_with_our_logi
   reloaded = type(hf_model).from_pretrained(out).eval()
   diff = float(np.abs(theirs(reloaded) - adapted).max())
   print(f'merged export {name}: max|diff| = {diff:.2e}')
+  assert diff < 1e-5, diff
+
+
+def test_peft_loads_our_t5_soft_prompt_with_our_logits(tmp_root):
+  """Our prompt over placeholders = PEFT's prompt tuning prepended to the embeddings."""
+  path, hf_model = test_hf_t5.hf_checkpoint('t5_1_1_untied', tmp_root)
+  cfg, base = hf_t5.import_checkpoint(path)
+  adapter = prompt_tuning.PromptTuning(length=5)
+  model = t5.EncoderDecoderModel(config=cfg, adapter=adapter)
+  boxed = model.init_params(jax.random.key(4), batch_size=1,
+                            **model.init_lengths({'encoder_input_tokens': 8,
+                                                  'decoder_target_tokens': 4}))
+  prompt, _ = trainable.split(nn.unbox(boxed), prompt_tuning.TRAINABLE_PATTERN)
+  params = trainable.merge(jax.device_get(prompt), jax.device_get(base))
+  enc, dec = test_hf_t5._inputs(cfg.vocab_size)      # row 1 padded after 7 tokens
+  slots = np.full((enc.shape[0], adapter.length), converters.SOFT_PROMPT_ID, np.int32)
+  ours = np.asarray(model.logits(params, {'encoder_input_tokens': np.concatenate([slots, enc], 1),
+                                          'decoder_input_tokens': dec}))
+  out = os.path.join(tmp_root, 't5_prompt')
+  hf_peft.export_prompt_tuning(params, config=cfg, adapter=adapter, directory=out,
+                               base_model_name_or_path=path)
+  hf_base = type(hf_model).from_pretrained(path).eval()
+  with_prompt = peft.PeftModel.from_pretrained(hf_base, out).eval()
+  assert np.abs(test_hf_t5._hf_logits(hf_base, enc, dec) - ours).max() > 0.1   # it matters
+  diff = float(np.abs(test_hf_t5._hf_logits(with_prompt, enc, dec) - ours).max())
+  print(f'peft prompt parity t5: max|diff| = {diff:.2e} (logits up to {np.abs(ours).max():.1f})')
   assert diff < 1e-5, diff

@@ -48,7 +48,13 @@ def test_prompt_run_checkpoints_the_prompt_evaluates_and_decodes(tmp_path, strai
                  f"--output={out}", gin_file=GIN)
     assert len(out.read_text().splitlines()) == 2
 
-    # No Hugging Face weight holds a soft prompt: one line, before reading anything.
+    # Out for PEFT (tests/test_hf_peft.py checks its logits); no Hugging Face weight
+    # holds a soft prompt, so --format=hf is one line, before reading anything.
+    run_launcher("export", model_dir, base, "--format=peft",
+                 f"--output_dir={tmp_path / 'adapter'}", gin_file=GIN)
+    with open(tmp_path / "adapter" / "adapter_config.json") as f:
+        config = json.load(f)
+    assert (config["peft_type"], config["num_virtual_tokens"]) == ("PROMPT_TUNING", 4)
     line = one_error_line(run_launcher("export", model_dir, base, "--format=hf",
                                        f"--output_dir={tmp_path / 'hf'}", gin_file=GIN,
                                        expect_rc=1))

@@ -1,4 +1,5 @@
-"""A run's checkpoint out to Hugging Face: the whole model, or a LoRA run's adapters.
+"""A run's checkpoint out to Hugging Face: the whole model, a LoRA run's adapters, or a
+T5 prompt-tuning run's soft prompt.
 
 `launch.export` calls `export_run_checkpoint`. 'hf' writes what transformers'
 `from_pretrained` loads (T5ForConditionalGeneration or LlamaForCausalLM), with a
@@ -6,7 +7,8 @@ LoRA run's adapters merged into the kernels they adapt (W + alpha/r A B), so the
 result needs no PEFT. 'peft' writes the adapters alone as a PEFT adapter directory
 (hf/peft.py) for the Hugging Face copy of the base: when the run's base was a Hugging
 Face directory, `adapter_config.json` names it; when it was one of our runs, export
-that run with 'hf' first and load the adapter onto the export.
+that run with 'hf' first and load the adapter onto the export. A soft prompt goes out
+as PEFT's prompt tuning only: it is no weight of the model that 'hf' could merge.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 from t5x_like import errors, run_dir
 from t5x_like.checkpointing import base_model, checkpoints, init_from
-from t5x_like.finetuning import lora
+from t5x_like.finetuning import lora, prompt_tuning
 from t5x_like.hf import llama, peft, t5
 from t5x_like.models import decoder
 from t5x_like.models import t5 as t5_model
@@ -35,14 +37,21 @@ def export_run_checkpoint(*, run: Any, model_dir: str, checkpoint: str | None, k
     adapter = getattr(model, "adapter", None)
     if kind not in KINDS:
         raise errors.ConfigError(f"--format={kind}", fix=f"choose one of {list(KINDS)}")
-    if getattr(model, "soft_prompt_length", 0):
+    prompted = isinstance(adapter, prompt_tuning.PromptTuning)
+    if prompted and kind == "hf":
         raise errors.ConfigError(
             "this run prompt-tunes: its soft prompt is not a weight of the Hugging Face "
             "model and cannot be merged into one",
-            fix="use the run with launch.eval and launch.infer, or export its base run")
-    if kind == "peft" and not isinstance(adapter, lora.LoRA):
-        raise errors.ConfigError("--format=peft exports LoRA adapters, and this run's model "
-                                 "has none", fix="use --format=hf, or the LoRA run's gin file")
+            fix="export it with --format=peft (T5), or export its base run")
+    if prompted and not isinstance(model.config, t5_model.T5Config):
+        raise errors.ConfigError(
+            "PEFT's prompt tuning prepends the prompt to the whole input, and this "
+            "decoder-only run's prompt follows the start token",
+            fix="use the run with launch.eval and launch.infer")
+    if kind == "peft" and adapter is None:
+        raise errors.ConfigError("--format=peft exports LoRA adapters or a soft prompt, and "
+                                 "this run's model has neither",
+                                 fix="use --format=hf, or the LoRA run's gin file")
     export_model = {t5_model.T5Config: t5.export_checkpoint,
                     decoder.DecoderConfig: llama.export_checkpoint}.get(type(model.config))
     if export_model is None:
@@ -65,11 +74,16 @@ def export_run_checkpoint(*, run: Any, model_dir: str, checkpoint: str | None, k
     if kind == "peft":
         base_dir = record["directory"]
         hf_base = base_dir if init_from.is_hugging_face_dir(base_dir) else None
-        modules = peft.export_lora_adapter(params, config=model.config, adapter=adapter,
-                                           directory=output_dir,
-                                           base_model_name_or_path=hf_base)
-        log.info("Exported the LoRA adapters of %d modules at step %d to %s (base: %s)",
-                 len(modules), step, output_dir,
+        if prompted:
+            peft.export_prompt_tuning(params, config=model.config, adapter=adapter,
+                                      directory=output_dir, base_model_name_or_path=hf_base)
+            what = f"the soft prompt of {adapter.length} vectors"
+        else:
+            modules = peft.export_lora_adapter(params, config=model.config, adapter=adapter,
+                                               directory=output_dir,
+                                               base_model_name_or_path=hf_base)
+            what = f"the LoRA adapters of {len(modules)} modules"
+        log.info("Exported %s at step %d to %s (base: %s)", what, step, output_dir,
                  hf_base or f"{base_dir}, ours: export it with --format=hf to load it")
         return step
     if isinstance(adapter, lora.LoRA):
