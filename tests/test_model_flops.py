@@ -1,5 +1,7 @@
 """Analytic model FLOPs (MFU's numerator): hand counts, XLA's count, the progress line."""
 
+import dataclasses
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -120,3 +122,32 @@ def test_progress_reports_per_device_rates_and_mfu(monkeypatch):
     no_peak = metrics.Progress(total_steps=100, start_step=0, flops_per_step=1e9)
     no_peak.add_tokens(1)
     assert 'mfu' not in no_peak.tick(10)
+
+
+@pytest.mark.parametrize('family', ['decoder', 't5'])
+def test_a_frozen_base_counts_its_weight_matmuls_twice_not_thrice(family):
+    """An adapter run: forward and the activations' gradient, no weight gradient;
+    attention (activations on both sides) keeps its three passes."""
+    from t5x_like.finetuning import lora, prompt_tuning
+    if family == 'decoder':
+        cfg = decoder.DecoderConfig(vocab_size=64, emb_dim=16, num_heads=4, num_kv_heads=2,
+                                    head_dim=8, mlp_dim=32, num_layers=2)
+        lengths = {'decoder_target_tokens': 16}
+        # From the hand count above: weights 2 * (4096 + 3072) + 2048 per token.
+        weights, attention = 16 * (2 * (1024 * 2 + 512 * 2 + 3072) + 2048), 16 * 2 * 1024
+        full = decoder.DecoderOnlyModel(config=cfg)
+    else:
+        cfg = t5.T5Config(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
+                          num_encoder_layers=2, num_decoder_layers=1)
+        lengths = {'encoder_input_tokens': 12, 'decoder_target_tokens': 6}
+        attention_over = lambda keys: 2 * 2 * keys * 8 * 2
+        weights = 12 * (2 * (4 * 512 + 3072) + 2 * 512) + 6 * (6 * 512 + 3072 + 2 * 16 * 64)
+        attention = 12 * 2 * attention_over(12) + 6 * (attention_over(6) / 2
+                                                       + attention_over(12))
+        full = t5.EncoderDecoderModel(config=cfg)
+    assert full.training_flops_per_step(feature_lengths=lengths, batch_size=1) == (
+        3 * weights + 3 * attention)
+    for adapter in (lora.LoRA(rank=4), prompt_tuning.PromptTuning(length=4)):
+        adapted = dataclasses.replace(full, adapter=adapter)
+        assert adapted.training_flops_per_step(feature_lengths=lengths, batch_size=1) == (
+            2 * weights + 3 * attention)

@@ -91,24 +91,28 @@ class DecoderConfig:
         return jnp.dtype(self.dtype)
 
     def training_flops_per_sequence(self, *, decoder_length: int,
-                                    causal_at_half: bool = True) -> float:
+                                    causal_at_half: bool = True,
+                                    frozen_weights: bool = False) -> float:
         """Model FLOPs to train on one row of `decoder_length` tokens; see flop_count.
 
         Per token and layer: q/o projections over `num_heads`, k/v over
         `num_kv_heads`, causal self-attention over the row, the gated-SiLU MLP; plus
         the logits once per token. Per token this is MaxText's
-        6*L*[3*E*M + 2*E*D*(Hq+Hkv) + S*Hq*D] + 6*E*V.
+        6*L*[3*E*M + 2*E*D*(Hq+Hkv) + S*Hq*D] + 6*E*V. `frozen_weights`: the
+        weights get no gradient (an adapter run).
         """
         e, d = self.emb_dim, self.head_dim
-        layer = (flop_count.projections(emb_dim=e, head_dim=d, query_heads=self.num_heads,
-                                        kv_heads=self.num_kv_heads)
-                 + flop_count.mlp(emb_dim=e, mlp_dim=self.mlp_dim, activation='gated-silu')
-                 + flop_count.attention(key_length=decoder_length, head_dim=d,
-                                        query_heads=self.num_heads, causal=True,
-                                        causal_at_half=causal_at_half))
-        token = self.num_layers * layer + flop_count.logits(emb_dim=e,
-                                                            vocab_size=self.vocab_size)
-        return float(flop_count.TRAINING_MULTIPLIER * decoder_length * token)
+        weights = (self.num_layers * (
+            flop_count.projections(emb_dim=e, head_dim=d, query_heads=self.num_heads,
+                                   kv_heads=self.num_kv_heads)
+            + flop_count.mlp(emb_dim=e, mlp_dim=self.mlp_dim, activation='gated-silu'))
+            + flop_count.logits(emb_dim=e, vocab_size=self.vocab_size))
+        attention = self.num_layers * flop_count.attention(
+            key_length=decoder_length, head_dim=d, query_heads=self.num_heads, causal=True,
+            causal_at_half=causal_at_half)
+        return flop_count.training(weight_matmuls=decoder_length * weights,
+                                   attention_matmuls=decoder_length * attention,
+                                   frozen_weights=frozen_weights)
 
 
 def rope_inverse_frequencies(config: DecoderConfig) -> np.ndarray:

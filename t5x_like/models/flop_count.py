@@ -10,7 +10,10 @@ keeps a FLOP formula.
 Conventions (MaxText's current ones, so numbers compare with its reports):
 - A multiply-add is 2 FLOPs; a [m, k] x [k, n] matmul is 2*m*k*n.
 - Training costs 3x the forward pass: the backward pass computes gradients
-  with respect to both the activations and the weights (2x).
+  with respect to both the activations and the weights (2x). A frozen base (LoRA,
+  prompt tuning) gets no weight gradients, so its weight matmuls cost 2x; attention's
+  QK^T and AV, whose operands are both activations, still cost 3x. The adapters' own
+  matmuls are left out (LoRA rank 8 beside 512-wide projections: ~3% of them).
 - Only matmuls count: projections, MLP, attention scores (QK^T) and weighted values
   (AV), and the output logits. Norms, softmax, activations, rotary embeddings and
   embedding lookups are left out (XLA's cost analysis counts them, which is why it
@@ -26,6 +29,16 @@ Conventions (MaxText's current ones, so numbers compare with its reports):
 from __future__ import annotations
 
 TRAINING_MULTIPLIER = 3  # forward + backward (gradients of activations and weights)
+FROZEN_MULTIPLIER = 2    # forward + the activations' gradient: a frozen weight gets none
+
+
+def training(*, weight_matmuls: float, attention_matmuls: float,
+             frozen_weights: bool = False) -> float:
+    """Training FLOPs from a sequence's forward FLOPs, split into weight matmuls
+    (projections, MLP, logits) and attention's (QK^T, AV)."""
+    weights_multiplier = FROZEN_MULTIPLIER if frozen_weights else TRAINING_MULTIPLIER
+    return float(weights_multiplier * weight_matmuls
+                 + TRAINING_MULTIPLIER * attention_matmuls)
 
 _MLP_MATRICES = {'gated-gelu': 3, 'gated-silu': 3, 'relu': 2}
 

@@ -65,7 +65,8 @@ class T5Config:
         return jnp.dtype(self.dtype)
 
     def training_flops_per_sequence(self, *, encoder_length: int, decoder_length: int,
-                                    causal_at_half: bool = True) -> float:
+                                    causal_at_half: bool = True,
+                                    frozen_weights: bool = False) -> float:
         """Model FLOPs to train on one (encoder, decoder) row pair; see flop_count.
 
         Per encoder token and encoder layer: q/k/v/o projections, bidirectional
@@ -74,26 +75,29 @@ class T5Config:
         `decoder_length`, cross-attention q and output projections and full attention
         over `encoder_length`, the MLP; plus the logits once per decoder token. The
         cross-attention k/v projections read the encoder's output, so they are
-        counted per encoder token, once per decoder layer.
+        counted per encoder token, once per decoder layer. `frozen_weights`: the
+        weights get no gradient (an adapter run).
         """
         e, h, d = self.emb_dim, self.num_heads, self.head_dim
         mlp = flop_count.mlp(emb_dim=e, mlp_dim=self.mlp_dim, activation=self.mlp_activation)
         qkvo = flop_count.projections(emb_dim=e, head_dim=d, query_heads=h, kv_heads=h)
         cross_q_o = flop_count.projections(emb_dim=e, head_dim=d, query_heads=h, kv_heads=0)
         cross_k_v = qkvo - cross_q_o
-        encoder_token = self.num_encoder_layers * (
-            qkvo + mlp + flop_count.attention(key_length=encoder_length, head_dim=d,
-                                              query_heads=h, causal=False))
-        decoder_token = self.num_decoder_layers * (
-            qkvo + cross_q_o + mlp
-            + flop_count.attention(key_length=decoder_length, head_dim=d, query_heads=h,
-                                   causal=True, causal_at_half=causal_at_half)
-            + flop_count.attention(key_length=encoder_length, head_dim=d, query_heads=h,
-                                   causal=False)
-        ) + flop_count.logits(emb_dim=e, vocab_size=self.vocab_size)
-        forward = (encoder_length * (encoder_token + self.num_decoder_layers * cross_k_v)
-                   + decoder_length * decoder_token)
-        return float(flop_count.TRAINING_MULTIPLIER * forward)
+        weights = (encoder_length * (self.num_encoder_layers * (qkvo + mlp)
+                                     + self.num_decoder_layers * cross_k_v)
+                   + decoder_length * (self.num_decoder_layers * (qkvo + cross_q_o + mlp)
+                                       + flop_count.logits(emb_dim=e,
+                                                           vocab_size=self.vocab_size)))
+        attention = (
+            encoder_length * self.num_encoder_layers * flop_count.attention(
+                key_length=encoder_length, head_dim=d, query_heads=h, causal=False)
+            + decoder_length * self.num_decoder_layers * (
+                flop_count.attention(key_length=decoder_length, head_dim=d, query_heads=h,
+                                     causal=True, causal_at_half=causal_at_half)
+                + flop_count.attention(key_length=encoder_length, head_dim=d, query_heads=h,
+                                       causal=False)))
+        return flop_count.training(weight_matmuls=weights, attention_matmuls=attention,
+                                   frozen_weights=frozen_weights)
 
 
 def _segments_or_nonpad(segment_ids_BxL: Array | None, tokens_BxL: Array) -> Array:

@@ -123,9 +123,10 @@ class TrainableLM:
 
     def training_flops_per_step(self, *, feature_lengths: Mapping[str, int],
                                 batch_size: int) -> float:
-        """Model FLOPs of one training step on `batch_size` rows (the MFU numerator)."""
+        """Model FLOPs of one training step on `batch_size` rows (the MFU numerator):
+        an adapter run's frozen base gets no weight gradients (see flop_count)."""
         return batch_size * self.config.training_flops_per_sequence(
-            **self.init_lengths(feature_lengths))
+            **self.init_lengths(feature_lengths), frozen_weights=self.adapter is not None)
 
     def loss_and_metrics(
         self, params, batch: Mapping[str, jax.Array], *, dropout_rng: jax.Array | None
