@@ -123,8 +123,9 @@ def test_steps_train_the_adapters_and_leave_the_base_bitwise_alone(family):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("family,scan", [("t5", False), ("decoder", True)],
-                         ids=["t5_loop", "decoder_scan"])
+@pytest.mark.parametrize("family,scan", [
+    ("t5", False), pytest.param("decoder", True, marks=pytest.mark.slow)],   # scanned: ~23 s
+    ids=["t5_loop", "decoder_scan"])
 def test_merged_adapters_give_the_adapted_models_logits(family, scan):
     state, frozen, _, _ = run_steps(family, partitioning.Partitioner(
         devices=jax.devices()[:1]), steps=1, scan=scan)

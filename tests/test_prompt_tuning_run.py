@@ -5,6 +5,8 @@ placeholders, and the settings that cannot work refused in one line."""
 import json
 import os
 
+import pytest
+
 import data.tasks  # noqa: F401 - registers pydocs_section_titles
 
 from launch_helpers import run_launcher
@@ -48,19 +50,33 @@ def test_prompt_run_checkpoints_the_prompt_evaluates_and_decodes(tmp_path, strai
                  f"--output={out}", gin_file=GIN)
     assert len(out.read_text().splitlines()) == 2
 
-    # Out for PEFT (tests/test_hf_peft.py checks its logits); no Hugging Face weight
-    # holds a soft prompt, so --format=hf is one line, before reading anything.
+    # Out for PEFT (tests/test_hf_peft.py checks its logits).
     run_launcher("export", model_dir, base, "--format=peft",
                  f"--output_dir={tmp_path / 'adapter'}", gin_file=GIN)
     with open(tmp_path / "adapter" / "adapter_config.json") as f:
         config = json.load(f)
     assert (config["peft_type"], config["num_virtual_tokens"]) == ("PROMPT_TUNING", 4)
-    line = one_error_line(run_launcher("export", model_dir, base, "--format=hf",
-                                       f"--output_dir={tmp_path / 'hf'}", gin_file=GIN,
-                                       expect_rc=1))
-    assert "this run prompt-tunes" in line and not (tmp_path / "hf").exists()
 
 
+def test_no_hugging_face_weight_holds_a_soft_prompt(tmp_path):
+    """--format=hf refuses a prompt run before it reads a checkpoint."""
+    import types
+    from t5x_like import errors
+    from t5x_like.checkpointing import hf_export
+    from t5x_like.finetuning import prompt_tuning
+    from t5x_like.models import t5
+    run = types.SimpleNamespace(model=t5.EncoderDecoderModel(
+        config=t5.T5Config(vocab_size=64, emb_dim=8, num_heads=1, head_dim=8, mlp_dim=8,
+                           num_encoder_layers=1, num_decoder_layers=1),
+        adapter=prompt_tuning.PromptTuning(length=4)))
+    with pytest.raises(errors.ConfigError, match="this run prompt-tunes"):
+        hf_export.export_run_checkpoint(run=run, model_dir=str(tmp_path / "none"),
+                                        checkpoint=None, kind="hf",
+                                        output_dir=str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.slow   # a launcher start (~20 s); run_config's check has a fast test
 def test_a_prompt_the_data_does_not_reserve_stops_before_model_init(tmp_path, straight_run):
     model_dir = str(tmp_path / "prompt")
     log = run_launcher("train", model_dir, f"--gin.PRETRAINED_DIR='{straight_run}/checkpoints'",
