@@ -256,7 +256,7 @@ class Decoder(nn.Module):
             logits = layers.DenseGeneral(
                 features=cfg.vocab_size, kernel_axes=('embed', 'vocab'),
                 kernel_init=layers.truncated_normal_init(cfg.emb_dim**-0.5),
-                dtype=dtype, out_dtype=jnp.float32, kernel_grad_in_kernel_order=True,
+                dtype=dtype, out_dtype=jnp.float32,
                 name='logits_dense')(x)
         return nn.with_logical_constraint(logits.astype(jnp.float32), layers.BLV)
 

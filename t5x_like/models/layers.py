@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 Initializer = Callable[[jax.Array, Sequence[int], Any], jax.Array]
@@ -139,21 +140,14 @@ class SoftPrompt(nn.Module):
         return x_BxLxD
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def project_trailing(x: Array, kernel: Array, num_contracted: int, dtype: Any,
-                     out_dtype: Any) -> Array:
-    """x's trailing `num_contracted` dims times the kernel's leading ones, whose
-    gradient is computed as x^T . dy, in the kernel's own dimension order.
+# The name every projection's output carries, so that the remat policies that keep
+# matmul outputs keep these too (`project`'s custom VJP hides its dot from them).
+PROJECTION_OUTPUT = 'projection_output'
 
-    Why: autodiff of the plain dot_general computes the kernel's gradient as
-    dy^T . x and then transposes it. XLA's CPU backend keeps that transposed
-    layout, through the data-parallel all-reduce, into every fused optimizer op,
-    each of which then reads the gradient with a stride: for the 512 x 32128 logits
-    kernel of T5.1.1-small on 8 simulated devices that was a fifth of the step
-    (benchmarks/RESULTS.md, "The training step on CPU": about 12.2 -> 10.7 s/step). The
-    dots and dtype casts are autodiff's own, in the other operand order, so values
-    agree to float summation order (tests/test_models_layers.py).
-    """
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _project_trailing(x: Array, kernel: Array, num_contracted: int, dtype: Any,
+                      out_dtype: Any) -> Array:
     batch_dims = x.ndim - num_contracted
     contract = (tuple(range(batch_dims, x.ndim)), tuple(range(num_contracted)))
     return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())),
@@ -161,7 +155,7 @@ def project_trailing(x: Array, kernel: Array, num_contracted: int, dtype: Any,
 
 
 def _project_trailing_fwd(x, kernel, num_contracted, dtype, out_dtype):
-    return project_trailing(x, kernel, num_contracted, dtype, out_dtype), (x, kernel)
+    return _project_trailing(x, kernel, num_contracted, dtype, out_dtype), (x, kernel)
 
 
 def _project_trailing_bwd(num_contracted, dtype, out_dtype, residuals, dy):
@@ -178,16 +172,39 @@ def _project_trailing_bwd(num_contracted, dtype, out_dtype, residuals, dy):
     return (d_x.astype(dtype).astype(x.dtype), d_kernel.astype(dtype).astype(kernel.dtype))
 
 
-project_trailing.defvjp(_project_trailing_fwd, _project_trailing_bwd)
+_project_trailing.defvjp(_project_trailing_fwd, _project_trailing_bwd)
+
+
+def project_trailing(x: Array, kernel: Array, num_contracted: int, dtype: Any,
+                     out_dtype: Any) -> Array:
+    """x's trailing `num_contracted` dims times the kernel's leading ones, whose
+    gradient is computed as x^T . dy, in the kernel's own dimension order.
+
+    Why: autodiff of the plain dot_general computes the kernel's gradient as
+    dy^T . x and then transposes it. XLA's CPU backend keeps that transposed
+    layout through the data-parallel all-reduce and into every fused optimizer op,
+    each of which then reads the gradient with a stride, and it holds transposed
+    copies among the step's temporaries (benchmarks/RESULTS.md, "The training step
+    on CPU" and "A leaner training step"). The dots and dtype casts are autodiff's
+    own, in the other operand order, so values agree to float summation order
+    (tests/test_models_layers.py).
+
+    The custom VJP hides the forward dot from the remat policies that look for
+    `dot_general`; the output is therefore named `PROJECTION_OUTPUT`, and those
+    policies (`REMAT_POLICIES`) save that name as well, so a rematerialised layer
+    keeps exactly what it would keep with plain autodiff.
+    """
+    return checkpoint_name(_project_trailing(x, kernel, num_contracted, dtype, out_dtype),
+                           PROJECTION_OUTPUT)
 
 
 class DenseGeneral(nn.Module):
     """Bias-free projection contracting `axis` of the input into `features`.
 
     The kernel has shape ``input_shape[axis] + features`` and logical axes
-    ``kernel_axes`` (one name per kernel dimension). `kernel_grad_in_kernel_order`
-    computes the kernel's gradient through `project_trailing` (for the large logits
-    kernel, outside the layer stack; remat policies see plain dots elsewhere).
+    ``kernel_axes`` (one name per kernel dimension). When `axis` is the input's
+    trailing dims (every projection in both families) the product goes through
+    `project_trailing`, whose kernel gradient comes out in the kernel's order.
     """
 
     features: int | Sequence[int]
@@ -197,7 +214,6 @@ class DenseGeneral(nn.Module):
     dtype: Any = jnp.float32
     # Dtype of the matmul result; defaults to `dtype`. Set float32 for logits.
     out_dtype: Any = None
-    kernel_grad_in_kernel_order: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -214,15 +230,13 @@ class DenseGeneral(nn.Module):
             kernel_shape,
             jnp.float32,
         )
-        contract = (axis, tuple(range(len(axis))))
-        out_dtype = self.out_dtype or self.dtype
-        if self.kernel_grad_in_kernel_order and axis == tuple(range(x.ndim - len(axis), x.ndim)):
-            return project_trailing(x, kernel, len(axis), jnp.dtype(self.dtype),
-                                    jnp.dtype(out_dtype))
+        out_dtype = jnp.dtype(self.out_dtype or self.dtype)
+        if axis == tuple(range(x.ndim - len(axis), x.ndim)):
+            return project_trailing(x, kernel, len(axis), jnp.dtype(self.dtype), out_dtype)
         return jax.lax.dot_general(
             x.astype(self.dtype),
             kernel.astype(self.dtype),
-            (contract, ((), ())),
+            ((axis, tuple(range(len(axis)))), ((), ())),
             preferred_element_type=out_dtype,
         )
 
@@ -326,14 +340,22 @@ def apply_rope(x_BxLxHxD: Array, cos_BxLxF: Array, sin_BxLxF: Array) -> Array:
 # ----------------------------------------------------------------------------
 
 
+def _save_dots_and_projections(save_dots: Callable[..., bool]) -> Callable[..., bool]:
+    """A dot-saving policy that also saves the projections' named outputs, which
+    are matmuls with no batch dims hidden from `save_dots` by their custom VJP."""
+    return jax.checkpoint_policies.save_from_both_policies(
+        save_dots, jax.checkpoint_policies.save_only_these_names(PROJECTION_OUTPUT))
+
+
 # What the backward pass may keep instead of recomputing, per layer.
 REMAT_POLICIES = {
     'none': None,  # no rematerialisation: keep every activation
     'full': jax.checkpoint_policies.nothing_saveable,  # keep only layer inputs
     # Keep matmul outputs, recompute the cheap elementwise ops (norms, activations).
-    'save_dots': jax.checkpoint_policies.checkpoint_dots,
+    'save_dots': _save_dots_and_projections(jax.checkpoint_policies.checkpoint_dots),
     # Keep only weight matmuls (no batch dims): attention scores are recomputed.
-    'save_dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'save_dots_no_batch': _save_dots_and_projections(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
 }
 
 

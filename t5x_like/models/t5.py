@@ -241,7 +241,6 @@ class Decoder(nn.Module):
                 kernel_init=layers.truncated_normal_init(cfg.emb_dim**-0.5),
                 dtype=dtype,
                 out_dtype=jnp.float32,
-                kernel_grad_in_kernel_order=True,
                 name='logits_dense',
             )(y_BxLxD)
         return nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32), layers.BLV)
