@@ -128,15 +128,21 @@ def measure_step(row: str, *, steps: int, bindings: list[str]) -> dict:
     else:
         batches = itertools.chain(first, batches)   # the first two, then the live pipeline
 
+    try:                        # as train() does; older checkouts have no such step
+        from t5x_like.training.host_memory import release_freed
+    except ImportError:
+        release_freed = lambda: None
     layout = run.state_layout(partitioner, feature_lengths)
     state = trainer.init_train_state(model=run.model, optimizer=run.optimizer,
                                      partitioner=partitioner, feature_lengths=feature_lengths,
                                      seed=run.seed, layout=layout)
+    release_freed()
     jitted = run.jitted_train_step(partitioner, layout, feature_lengths)
     start = time.perf_counter()
     compiled = jitted.lower(state, partitioning.global_batch(first[0], partitioner)
                             ).compile()
     compile_s = time.perf_counter() - start
+    release_freed()
     memory = compiled.memory_analysis()
 
     done_at, step_metrics, previous = {}, [], None

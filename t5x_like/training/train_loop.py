@@ -7,7 +7,8 @@ from Python in tests), so this function holds only the order of events:
 
   checks (settings, MODEL_DIR, data) -> mesh -> state layout -> restore or init ->
   data positioned at the step ->
-  [batch -> global arrays -> jitted step -> metrics -> async checkpoint]* -> final save
+  [batch -> global arrays -> step (compiled at the first batch) -> metrics ->
+   async checkpoint]* -> final save
 
 Whatever a person can fix is raised as an `errors.RunError` (the launcher prints it
 as one line), and is checked before the expensive part where it can be.
@@ -33,7 +34,7 @@ from t5x_like.evaluation import teacher_forced
 from t5x_like.reporting import metrics as metrics_lib
 from t5x_like.reporting import param_table
 from t5x_like.parallel import partitioning
-from t5x_like.training import nonfinite, preemption, resume
+from t5x_like.training import host_memory, nonfinite, preemption, resume
 from t5x_like.training import trainer
 from t5x_like.data import host_batches
 from t5x_like.training.run_config import RunConfig
@@ -151,13 +152,18 @@ def train(*, run: RunConfig, model_dir: str, train_steps: int,
     if preempted:                  # SIGTERM during start-up: no step taken, nothing to save
         log.warning("Preempted (SIGTERM) during start-up, before step %d: nothing new to "
                     "save; exiting cleanly. Rerun the same command to resume.", step + 1)
+    host_memory.release_freed()                  # what init or restore left freed
+    compiled_step = None
     try:
         while step < train_steps and not preempted:
             local_batch = next(batches)
             step_log.add_tokens(model.count_real_tokens(local_batch) * block.count)
-            state, step_metrics = train_step(
-                state, partitioning.global_batch(local_batch, partitioner),
-                *start.frozen_args)
+            global_batch = partitioning.global_batch(local_batch, partitioner)
+            if compiled_step is None:            # compile once, then free what it left
+                compiled_step = train_step.lower(state, global_batch,
+                                                 *start.frozen_args).compile()
+                host_memory.release_freed()
+            state, step_metrics = compiled_step(state, global_batch, *start.frozen_args)
             step_log.add(step_metrics)             # on device: the host does not wait
             step += 1
             guard.observe(step, step_metrics)      # checks the previous step: no stall
