@@ -1,12 +1,15 @@
 """`layers.project_trailing`: autodiff's gradient, with the kernel's in kernel order,
 for every projection of both families, and seen by the remat policies as a dot.
 
-Tolerances. bfloat16: every element within one bfloat16 ulp of autodiff's (the
-kernel gradient is rounded to bfloat16 after a float32 accumulation whose order
-differs). float32: reordering a sum of n products moves it by at most
-(n - 1) * eps * sum|terms| (Higham's bound for any two summation orders); the unit
-test asserts that bound, the model tests the observed scale of it: within 8 ulps of
-the tensor's largest element (measured: at most 5).
+Tolerances. One projection: the input's gradient is bitwise autodiff's (the same
+dot); the kernel's, in bfloat16, within one bfloat16 ulp per element (a float32
+accumulation in another order, then rounded), and in float32 within Higham's bound
+for any two orders of a sum of n products, (n - 1) * eps * sum|terms|. Whole models:
+every non-kernel gradient bitwise equal; each kernel's within a few ulps of the
+tensor's largest element in the compute dtype (float32: 8, observed at most 4;
+bfloat16: 4, observed 0 on JAX 0.10 and at most 3 on JAX 0.11, whose CPU backend
+keeps some bfloat16 intermediates of one program at float32 precision and not the
+other's: XLA's excess precision depends on fusion).
 """
 
 import collections
@@ -36,18 +39,31 @@ def _plain(x, kernel, num_contracted, dtype, out_dtype):
                                preferred_element_type=out_dtype)
 
 
-def _assert_autodiffs_gradient(ours, reference, *, bfloat16: bool, bound=None):
+BFLOAT16_ULP_IN_FLOAT32_ULPS = 2**16
+
+
+def _assert_projection_gradient(ours, reference, *, bfloat16: bool, float32_bound):
+    """One projection: per element, one bfloat16 ulp, or the float32 bound."""
     ours, reference = np.asarray(ours), np.asarray(reference)
     assert ours.shape == reference.shape and ours.dtype == reference.dtype
     error = np.abs(ours.astype(np.float64) - reference)
-    if bfloat16:   # one bfloat16 ulp (a bfloat16 ulp is 2**16 float32 ulps)
-        ulp = np.spacing(np.abs(reference).astype(np.float32)).astype(np.float64) * 2**16
+    if bfloat16:
+        ulp = (np.spacing(np.abs(reference).astype(np.float32)).astype(np.float64)
+               * BFLOAT16_ULP_IN_FLOAT32_ULPS)
         assert (error <= ulp).all(), float((error / ulp).max())
-    elif bound is not None:
-        assert (error <= bound).all(), float((error / np.maximum(bound, 1e-30)).max())
     else:
-        scale_ulp = float(np.spacing(np.abs(reference).max()))
-        assert error.max() <= 8 * scale_ulp, error.max() / scale_ulp
+        assert (error <= float32_bound).all(), float(
+            (error / np.maximum(float32_bound, 1e-30)).max())
+
+
+def _assert_kernel_gradient_in_scale(ours, reference, *, bfloat16: bool):
+    """A whole model's kernel gradient: within a few ulps of the tensor's scale."""
+    ours, reference = np.asarray(ours), np.asarray(reference)
+    assert ours.shape == reference.shape and ours.dtype == reference.dtype
+    scale_ulp = float(np.spacing(np.abs(reference).max()))
+    allowed = 4 * BFLOAT16_ULP_IN_FLOAT32_ULPS * scale_ulp if bfloat16 else 8 * scale_ulp
+    error = float(np.abs(ours.astype(np.float64) - reference).max())
+    assert error <= allowed, error / scale_ulp
 
 
 # Every projection shape of both families: query/key/value (embed -> heads, kv; GQA
@@ -85,8 +101,8 @@ def test_gradients_equal_autodiff_of_the_plain_dot(x_shape, kernel_shape, num_co
     x_rows = np.abs(np.asarray(x, np.float64).reshape(n, -1))
     dy_rows = np.abs(np.asarray(cotangent, np.float64).reshape(n, -1))
     bound = (n - 1) * np.finfo(np.float32).eps * (x_rows.T @ dy_rows).reshape(kernel_shape)
-    _assert_autodiffs_gradient(ours[1][1], plain[1][1], bfloat16=dtype == jnp.bfloat16,
-                               bound=bound)
+    _assert_projection_gradient(ours[1][1], plain[1][1], bfloat16=dtype == jnp.bfloat16,
+                                float32_bound=bound)
 
 
 # ----------------------------------------------------------------------------
@@ -142,7 +158,7 @@ def test_model_gradients_equal_autodiffs(monkeypatch, family, config, dtype, sca
         if "kernel" not in path:   # norms, embeddings, biases: the same ops in the same order
             np.testing.assert_array_equal(a, b, err_msg=path)
         else:
-            _assert_autodiffs_gradient(a, b, bfloat16=dtype == "bfloat16")
+            _assert_kernel_gradient_in_scale(a, b, bfloat16=dtype == "bfloat16")
 
 
 def _saved_from_the_stack(loss, params) -> collections.Counter:
