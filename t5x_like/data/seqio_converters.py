@@ -47,6 +47,8 @@ class _SoftPromptPlaceholders(seqio.FeatureConverter):
             converters.with_soft_prompt(task_feature_lengths, self._length))
 
     def _convert_features(self, ds, task_feature_lengths):
+        # Abstract in seqio.FeatureConverter, so it must exist; `__call__` delegates
+        # to the wrapped converter and never reaches it.
         raise NotImplementedError("delegated in __call__")
 
     def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]
