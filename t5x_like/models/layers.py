@@ -141,7 +141,7 @@ class SoftPrompt(nn.Module):
 
 
 # The name every projection's output carries, so that the remat policies that keep
-# matmul outputs keep these too (`project`'s custom VJP hides its dot from them).
+# matmul outputs keep these too (`project_trailing`'s custom VJP hides its dot from them).
 PROJECTION_OUTPUT = 'projection_output'
 
 

@@ -7,8 +7,7 @@ after compiling), and the step's temporaries then come on top of that garbage, s
 the process's peak RSS carries it for the whole run. `malloc_trim(0)` returns the
 free pages; called twice before the first step, it lowered that run's peak RSS from
 4.19 to 3.87 GiB (benchmarks/RESULTS.md, "A leaner training step"). It changes no
-arithmetic and costs a few milliseconds. Where libc is not glibc (macOS, musl) it
-does nothing.
+arithmetic. Where libc is not glibc (macOS, musl) it does nothing.
 """
 
 from __future__ import annotations
