@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from t5x_like.models import attention
+
 Array = jax.Array
 Initializer = Callable[[jax.Array, Sequence[int], Any], jax.Array]
 
@@ -246,6 +248,29 @@ class DenseGeneral(nn.Module):
 MLP_ACTIVATIONS = ('gated-gelu', 'gated-silu', 'relu')
 
 
+GATES = {'gated-gelu': functools.partial(nn.gelu, approximate=True), 'gated-silu': nn.silu}
+
+
+def _gate(activation: str, gate_in: Array, linear_in: Array) -> Array:
+    return GATES[activation](gate_in) * linear_in
+
+
+def gated_activation(activation: str, gate_in_BxLxM: Array, linear_in_BxLxM: Array
+                     ) -> Array:
+    """act(gate_in) * linear_in, whose backward pass keeps only its two inputs.
+
+    Why: autodiff keeps every intermediate of the activation for the backward pass
+    (for the tanh-approximated GELU in bfloat16: the tanh, its argument's pieces,
+    the activation, ...), each as large as the MLP's hidden layer: with
+    T5.1.1-small's 512-token encoder, batch 8, 56 MiB a layer where the inputs are
+    16 MiB. They are recomputed from the two inputs instead, elementwise work beside
+    the MLP's matmuls; the ops are the same, so the gradients are autodiff's
+    (tests/test_models_layers.py).
+    """
+    return jax.checkpoint(_gate, static_argnums=(0,))(activation, gate_in_BxLxM,
+                                                      linear_in_BxLxM)
+
+
 class MlpBlock(nn.Module):
     """Gated feed-forward wo(act(wi_0 x) * wi_1 x), or ungated wo(relu(wi x)).
 
@@ -269,11 +294,9 @@ class MlpBlock(nn.Module):
         )
         if self.activation == 'relu':
             h_BxLxM = nn.relu(dense(name='wi')(x_BxLxD))
-        elif self.activation == 'gated-gelu':
-            gate_BxLxM = nn.gelu(dense(name='wi_0')(x_BxLxD), approximate=True)
-            h_BxLxM = gate_BxLxM * dense(name='wi_1')(x_BxLxD)
-        elif self.activation == 'gated-silu':
-            h_BxLxM = nn.silu(dense(name='wi_0')(x_BxLxD)) * dense(name='wi_1')(x_BxLxD)
+        elif self.activation in GATES:
+            h_BxLxM = gated_activation(self.activation, dense(name='wi_0')(x_BxLxD),
+                                       dense(name='wi_1')(x_BxLxD))
         else:
             raise ValueError(f'MLP activation {self.activation!r}; choose one of '
                              f'{MLP_ACTIVATIONS}.')
@@ -340,11 +363,13 @@ def apply_rope(x_BxLxHxD: Array, cos_BxLxF: Array, sin_BxLxF: Array) -> Array:
 # ----------------------------------------------------------------------------
 
 
-def _save_dots_and_projections(save_dots: Callable[..., bool]) -> Callable[..., bool]:
-    """A dot-saving policy that also saves the projections' named outputs, which
-    are matmuls with no batch dims hidden from `save_dots` by their custom VJP."""
+def _save_dots_and_named(save_dots: Callable[..., bool], *names: str
+                         ) -> Callable[..., bool]:
+    """A dot-saving policy that also saves the named outputs of the matmuls that a
+    custom VJP hides from it: the projections' (no batch dims) and, where batched
+    dots are kept too, the attention's weighted sum of values."""
     return jax.checkpoint_policies.save_from_both_policies(
-        save_dots, jax.checkpoint_policies.save_only_these_names(PROJECTION_OUTPUT))
+        save_dots, jax.checkpoint_policies.save_only_these_names(*names))
 
 
 # What the backward pass may keep instead of recomputing, per layer.
@@ -352,10 +377,11 @@ REMAT_POLICIES = {
     'none': None,  # no rematerialisation: keep every activation
     'full': jax.checkpoint_policies.nothing_saveable,  # keep only layer inputs
     # Keep matmul outputs, recompute the cheap elementwise ops (norms, activations).
-    'save_dots': _save_dots_and_projections(jax.checkpoint_policies.checkpoint_dots),
+    'save_dots': _save_dots_and_named(jax.checkpoint_policies.checkpoint_dots,
+                                      PROJECTION_OUTPUT, attention.ATTENTION_CONTEXT),
     # Keep only weight matmuls (no batch dims): attention scores are recomputed.
-    'save_dots_no_batch': _save_dots_and_projections(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+    'save_dots_no_batch': _save_dots_and_named(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, PROJECTION_OUTPUT),
 }
 
 
