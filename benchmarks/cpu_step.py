@@ -49,6 +49,10 @@ import sys
 import tempfile
 import time
 
+# A CPU benchmark: where libtpu is installed (the test extra brings it for AOT compiles)
+# JAX would otherwise initialise its TPU backend first, ~0.1 GiB of RSS in every run
+# that a CPU install (`.[data]`, the README's) never holds. Children inherit it.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / 'benchmarks' / 'results' / 'cpu_step.json'
 ISSUE_RUN = str(ROOT / 'benchmarks' / 'configs' / 'cpu_step.gin')
