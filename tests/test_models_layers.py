@@ -150,9 +150,13 @@ def test_gated_activation_keeps_its_inputs_alone_and_gives_autodiffs_gradients(
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
         np.testing.assert_array_equal(a, b)
     saved = _saved_residuals(loss(layers.gated_activation), gate_in, linear_in)
-    assert saved == ["the argument a", "the argument b"]
-    # Plain autodiff keeps intermediates of the activation as well.
-    assert len(_saved_residuals(loss(layers._gate), gate_in, linear_in)) > 2
+    plain_saved = _saved_residuals(loss(layers._gate), gate_in, linear_in)
+    if dtype == jnp.float32:            # kept as autodiff does it: recomputing cost time
+        assert saved == plain_saved
+    else:
+        assert saved == ["the argument a", "the argument b"]
+        # Plain autodiff keeps intermediates of the activation as well.
+        assert len(plain_saved) > 2
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -221,7 +221,10 @@ def mix_values(weights_BxGxRxQxK: Array, v_BxKxGxD: Array, dtype) -> Array:
     24 MiB a layer, 192 MiB in all. This keeps the float32 weights only and casts
     them again in the backward. The cast is exact and deterministic and the dots are
     autodiff's own, so the gradients are autodiff's (tests/test_models_layers.py).
+    In float32 there is no copy to spare, and the product is plain autodiff's.
     """
+    if jnp.dtype(dtype) == weights_BxGxRxQxK.dtype:    # no copy to spare: plain autodiff
+        return _weighted_sum(weights_BxGxRxQxK, v_BxKxGxD)
     return checkpoint_name(_mix_values(weights_BxGxRxQxK, v_BxKxGxD, jnp.dtype(dtype)),
                            ATTENTION_CONTEXT)
 

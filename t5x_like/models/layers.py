@@ -265,8 +265,12 @@ def gated_activation(activation: str, gate_in_BxLxM: Array, linear_in_BxLxM: Arr
     T5.1.1-small's 512-token encoder, batch 8, 56 MiB a layer where the inputs are
     16 MiB. They are recomputed from the two inputs instead, elementwise work beside
     the MLP's matmuls; the ops are the same, so the gradients are autodiff's
-    (tests/test_models_layers.py).
+    (tests/test_models_layers.py). In float32 compute autodiff's way is kept: on the
+    float32 default CPU run the recompute cost 16% of the step for 0.05 GiB
+    (benchmarks/RESULTS.md, "What the backward pass keeps").
     """
+    if jnp.dtype(gate_in_BxLxM.dtype).itemsize >= 4:
+        return _gate(activation, gate_in_BxLxM, linear_in_BxLxM)
     return jax.checkpoint(_gate, static_argnums=(0,))(activation, gate_in_BxLxM,
                                                       linear_in_BxLxM)
 
