@@ -35,10 +35,12 @@ from data.build_section_titles import (CORPUS_FILES, DATA_DIR, SPLITS, corpus_do
 
 OUTPUT_DIR = DATA_DIR / "missing_word"
 BLANK = "___"
-# A word that may be blanked: a whole space-separated word of 4+ ASCII letters.
-# Shorter words are mostly 'the', 'and', 'for', 'is': with them, answering 'the'
-# everywhere would score ~10%; without them the most frequent answer is ~2%.
-MIN_LETTERS = 4
+# A word that may be blanked: a whole space-separated word of ASCII letters (no
+# digits, underscores or attached punctuation). Every such word, short ones included:
+# with only words of 4+ letters (MIN_LETTERS = 4) the default 300-step base filled
+# no more blanks than a model from scratch (benchmarks/RESULTS.md, "Missing word"):
+# it has learned the docs' short words and grammar, not their content words yet.
+MIN_LETTERS = 1
 _BLANKABLE = re.compile(rf"[A-Za-z]{{{MIN_LETTERS},}}")
 # Blanks per paragraph. The validation file holds only ~130 usable paragraphs, so
 # each gives several examples (at most one per word); the train file is ~47x larger.
@@ -103,8 +105,8 @@ def _source_md(counts: dict, sizes: dict[str, int], output_dir: pathlib.Path) ->
     return f"""# pydocs missing word: a fine-tuning task
 
 **What.** Supervised text-to-text examples: a paragraph of the Python documentation
-with one word replaced by `{BLANK}` (input) and that word (target), e.g. `The
-{BLANK} statement is used ...` -> `import`. {counts['train']} training and
+with one word replaced by `{BLANK}` (input) and that word (target), e.g. `... A
+function definition {BLANK} a user-defined function object ...` -> `defines`. {counts['train']} training and
 {counts['validation']} validation examples. Registered as the seqio task
 `pydocs_missing_word` (`data/tasks.py`), which puts `missing word: ` before each
 input (the files hold the bare text), scored with exact match and ROUGE-L on the
@@ -119,15 +121,16 @@ in exact match with the default 300-step base (benchmarks/RESULTS.md).
   validation file, which pretraining (`pydocs_span_corruption`, 'train' split) never
   reads; its paragraphs that also occur in the train file are dropped
   ({counts['validation_also_in_train']}). Training examples come from the train file only.
-- **Which words**: whole words of {MIN_LETTERS} or more ASCII letters (no digits,
-  underscores or attached punctuation). Shorter words are mostly `the`, `and`,
-  `for`, `is`, `a`: with them a model that answers `the` to every blank would score
-  ~10% without reading the paragraph. Without them the most frequent validation
-  answer is `{counts['top_word']}`, {counts['top_count']} of {counts['validation']}
-  ({top_share:.1f}%): roughly what a model that learned only the answers' frequencies
-  scores. {counts['validation_words']} distinct validation answers; {in_train:.1f}% of
-  the validation examples have an answer that is also a training answer (a model must
-  pick the right one from context, not invent a word).
+- **Which words**: every whole word of ASCII letters (no digits, underscores or
+  attached punctuation), short ones included. The most frequent validation answer is
+  `{counts['top_word']}`, {counts['top_count']} of {counts['validation']} ({top_share:.1f}%):
+  roughly what a model that learned only the answers' frequencies scores, so exact
+  match is read against that floor. A first version blanked only words of 4+ letters
+  (floor 1.6%): there the default 300-step base filled no more blanks than a model
+  from scratch (1.6-2.2% exact match, benchmarks/RESULTS.md), having learned the
+  docs' short words and grammar but not yet their content words. {counts['validation_words']}
+  distinct validation answers; {in_train:.1f}% of the validation examples have an
+  answer that is also a training answer.
 - **Fair to both starts**: the answer is one word, decoded greedily and compared
   exactly (case included), so exact match is a plain count of blanks filled right.
 
