@@ -19,7 +19,7 @@ byte for byte on any machine; `tests/test_missing_word_task.py` rebuilds it and
 compares it with the shipped files.
 
 Outputs:
-  data/missing_word/train.tsv, validation.tsv   paragraph with ___ <TAB> word
+  data/missing_word/train.tsv, validation.tsv   paragraph with BLANK <TAB> word
   data/missing_word/SOURCE.md                   provenance, counts, hashes, licence
 """
 
@@ -34,7 +34,11 @@ from data.build_section_titles import (CORPUS_FILES, DATA_DIR, SPLITS, corpus_do
                                       paragraphs, run, sha256_of, write_splits)
 
 OUTPUT_DIR = DATA_DIR / "missing_word"
-BLANK = "___"
+# The blank is the vocabulary's first sentinel, the token span corruption puts where
+# it removed text: the task asks what pretraining practised, in its own notation (T5
+# writes its fill-in-the-blank tasks so). With a plain '___' the default base filled
+# no more blanks than guessing 'the' (benchmarks/RESULTS.md, "Missing word").
+BLANK = "<extra_id_0>"
 # A word that may be blanked: a whole space-separated word of ASCII letters (no
 # digits, underscores or attached punctuation). Every such word, short ones included:
 # with only words of 4+ letters (MIN_LETTERS = 4) the default 300-step base filled
@@ -75,7 +79,7 @@ def examples() -> tuple[dict[str, list[tuple[str, str]]], dict[str, int]]:
                                    for path in CORPUS_FILES)
     counts = {"train_paragraphs": len(train_file),
               "validation_paragraphs": len(validation_file)}
-    # Text that already holds the blank marker would be ambiguous (2 in the train file).
+    # Text that already holds the blank marker would be ambiguous (none does).
     train_file = [p for p in train_file if BLANK not in p]
     seen_in_train = set(train_file)
     validation_file = [p for p in validation_file if p not in seen_in_train]
@@ -106,8 +110,8 @@ def _source_md(counts: dict, sizes: dict[str, int], output_dir: pathlib.Path) ->
 
 **What.** Supervised text-to-text examples: a paragraph of the Python documentation
 with one word replaced by `{BLANK}` (input) and that word (target), e.g. `... A
-function definition {BLANK} a user-defined function object ...` -> `defines`. {counts['train']} training and
-{counts['validation']} validation examples. Registered as the seqio task
+function definition {BLANK} a user-defined function object ...` -> `defines`.
+{counts['train']} training and {counts['validation']} validation examples. Registered as the seqio task
 `pydocs_missing_word` (`data/tasks.py`), which puts `missing word: ` before each
 input (the files hold the bare text), scored with exact match and ROUGE-L on the
 decoded word.
@@ -127,10 +131,16 @@ in exact match with the default 300-step base (benchmarks/RESULTS.md).
   roughly what a model that learned only the answers' frequencies scores, so exact
   match is read against that floor. A first version blanked only words of 4+ letters
   (floor 1.6%): there the default 300-step base filled no more blanks than a model
-  from scratch (1.6-2.2% exact match, benchmarks/RESULTS.md), having learned the
+  from scratch (1.2-2.2% exact match, benchmarks/RESULTS.md), having learned the
   docs' short words and grammar but not yet their content words. {counts['validation_words']}
   distinct validation answers; {in_train:.1f}% of the validation examples have an
   answer that is also a training answer.
+- **The blank is `{BLANK}`**, the vocabulary's first sentinel: the token span
+  corruption puts where it removed text, so the task asks what pretraining
+  practised, in its notation (T5 writes fill-in-the-blank tasks so). To a model
+  from scratch it is one more input token. With a plain `___` marker the default
+  base's fine-tuned model answered no better than guessing `the` (7.4% exact
+  match at steps 100-300, benchmarks/RESULTS.md).
 - **Fair to both starts**: the answer is one word, decoded greedily and compared
   exactly (case included), so exact match is a plain count of blanks filled right.
 
@@ -146,8 +156,8 @@ rebuilds byte for byte anywhere:
    a last piece under 15 words dropped); a repeated paragraph is kept once. Train
    file: {counts['train_paragraphs']} paragraphs; validation file:
    {counts['validation_paragraphs']}.
-2. Paragraphs that already contain `{BLANK}` are dropped (train file only); so are
-   validation paragraphs found in the train file.
+2. Validation paragraphs found in the train file are dropped (and any paragraph
+   holding `{BLANK}`: none does).
 3. Train: the paragraphs whose SHA-256 (first 8 bytes, big-endian) is 0 mod
    {TRAIN_MODULUS} ({counts['train_used']}, keeping `train.tsv` under 1 MB), one blank
    each. Validation: every paragraph ({counts['validation_used']}), up to

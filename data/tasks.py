@@ -22,7 +22,8 @@ splits 'train' and 'validation':
                           two tasks share ~380 paragraphs, which without it would be
                           one input with two answers in the mixture.
   pydocs_missing_word     fine-tuning: 'missing word: ' + a paragraph of the Python docs
-                          with one word replaced by '___' ('inputs') ->
+                          with one word replaced by the sentinel '<extra_id_0>'
+                          ('inputs') ->
                           that word ('targets'); exact match and ROUGE-L
                           (data/missing_word/SOURCE.md). Validation paragraphs come from
                           the corpus's validation file, unseen in pretraining, so

@@ -7,6 +7,7 @@ import pathlib
 import numpy as np
 
 from data import build_missing_word
+from data.build_missing_word import BLANK
 from data.build_section_titles import CORPUS_FILES, corpus_documents, paragraphs
 from test_finetune_task import check_reproducible
 
@@ -30,17 +31,17 @@ def test_build_is_reproducible_byte_for_byte(tmp_path):
 
 def test_each_target_is_the_blanked_word_of_a_paragraph_of_its_corpus_file():
     train, validation = rows("train"), rows("validation")
-    assert (len(train), len(validation)) == (3080, 512)
+    assert (len(train), len(validation)) == (3081, 512)
     train_file, validation_file = map(corpus_paragraphs, CORPUS_FILES)
     for split, examples, source in (("train", train, train_file),
                                     ("validation", validation, validation_file)):
         originals = collections.Counter()
         for blanked, word in examples:
-            assert blanked.count("___") == 1, blanked
+            assert blanked.count(BLANK) == 1, blanked
             assert word.isascii() and word.isalpha(), word
             # The blank stands for one whole word, and putting it back gives the text.
-            assert f" {blanked} ".count(" ___ ") == 1, blanked
-            original = blanked.replace("___", word)
+            assert f" {blanked} ".count(f" {BLANK} ") == 1, blanked
+            original = blanked.replace(BLANK, word)
             assert original in source, (split, blanked)
             # Validation text was never read in pretraining (the 'train' corpus file).
             assert split == "train" or original not in train_file, blanked
@@ -49,7 +50,7 @@ def test_each_target_is_the_blanked_word_of_a_paragraph_of_its_corpus_file():
     # Several blanks per held-out paragraph, each a different word position.
     assert len({b for b, _ in validation}) == len(validation)
     assert validation[0][0].startswith("Function definitions ******************** A "
-                                       "function definition ___ a user-defined")
+                                       f"function definition {BLANK} a user-defined")
     assert validation[0][1] == "defines"
 
 
@@ -59,7 +60,8 @@ def test_blanks_are_a_fixed_choice_of_whole_words_of_letters():
     # 'int()', 'integer,' and 'input.' are not whole words of letters.
     assert [word for _, word in pairs] == ["The", "call", "returns", "an", "or", "raises",
                                            "ValueError", "for", "bad"]
-    assert pairs[1][0] == "The int() ___ returns an integer, or raises ValueError for bad input."
+    assert pairs[1][0] == (f"The int() {BLANK} returns an integer, or raises ValueError "
+                           "for bad input.")
     # The choice is fixed by the paragraph's hash, in word order.
     assert build_missing_word.blanks(paragraph, 2) == [pairs[1], pairs[4]]
     assert build_missing_word.blanks("x1 y_2 3.5 (z)", 1) == []
