@@ -120,7 +120,9 @@ decoded word.
 Filling a blank is what span corruption pretraining teaches, so a pretrained model
 brings what it learned of the docs' language; a model trained from scratch has only
 the fine-tuning examples. The two other bundled tasks do not separate the two starts
-in exact match with the default 300-step base (benchmarks/RESULTS.md).
+in exact match with the default 300-step base, and nor does this one yet: eval loss
+separates them, greedy exact match stays at the floor below for both, full
+fine-tuning and LoRA (benchmarks/RESULTS.md, "Missing word").
 - **Validation text is unseen**: validation examples come from the corpus's
   validation file, which pretraining (`pydocs_span_corruption`, 'train' split) never
   reads; its paragraphs that also occur in the train file are dropped
