@@ -169,21 +169,35 @@ rebuilds byte for byte anywhere:
 """
 
 
+def corpus_documents(path: pathlib.Path) -> list[str]:
+    """The documents of one corpus file, one per line, in file order."""
+    return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
+
+
 def write_task(examples_of, source_md, output_dir: pathlib.Path) -> dict[str, str]:
     """Builds a text-to-text task from the bundled corpus: `examples_of(documents)`
     -> (pairs, counts); writes train.tsv, validation.tsv (split by `is_validation`)
     and `source_md(counts, sizes, output_dir)` as SOURCE.md; returns {file: sha256}.
     Shared with data/build_code_names.py."""
-    documents = [line.rstrip("\n") for path in CORPUS_FILES
-                 for line in path.read_text(encoding="utf-8").splitlines()]
+    documents = [document for path in CORPUS_FILES for document in corpus_documents(path)]
     pairs, counts = examples_of(documents)
+    rows = {split: [(p, t) for p, t in pairs if is_validation(p) == (split == "validation")]
+            for split in SPLITS}
+    return write_splits(rows, counts, source_md, output_dir)
+
+
+def write_splits(rows: dict[str, list[tuple[str, str]]], counts: dict[str, int],
+                 source_md, output_dir: pathlib.Path) -> dict[str, str]:
+    """Writes {split: [(input, target)]} as SPLITS' TSV files (counting each split's
+    rows into `counts`) and `source_md(counts, sizes, output_dir)` as SOURCE.md;
+    returns {file: sha256}. data/build_missing_word.py calls it directly, since its
+    splits follow the corpus files rather than `is_validation`."""
     output_dir.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for split in SPLITS:
-        rows = [(p, t) for p, t in pairs if is_validation(p) == (split == "validation")]
-        counts[split] = len(rows)
+        counts[split] = len(rows[split])
         path = output_dir / f"{split}.tsv"
-        path.write_bytes("".join(f"{p}\t{t}\n" for p, t in rows).encode("utf-8"))
+        path.write_bytes("".join(f"{p}\t{t}\n" for p, t in rows[split]).encode("utf-8"))
         sizes[split] = path.stat().st_size
     (output_dir / "SOURCE.md").write_bytes(
         source_md(counts, sizes, output_dir).encode("utf-8"))

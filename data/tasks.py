@@ -21,6 +21,13 @@ splits 'train' and 'validation':
                           (data/code_names/SOURCE.md). The prefix names the task: the
                           two tasks share ~380 paragraphs, which without it would be
                           one input with two answers in the mixture.
+  pydocs_missing_word     fine-tuning: 'missing word: ' + a paragraph of the Python docs
+                          with one word replaced by the sentinel '<extra_id_0>'
+                          ('inputs') ->
+                          that word ('targets'); exact match and ROUGE-L
+                          (data/missing_word/SOURCE.md). Validation paragraphs come from
+                          the corpus's validation file, unseen in pretraining, so
+                          a pretrained start can show in the decoded metric.
   pydocs_finetune_mixture multi-task fine-tuning: section titles and code names at
                           rates 1:1 (FINETUNE_MIXTURE_RATES; the two have ~800 training
                           examples each), 'enc_dec' converter. Training samples the
@@ -54,22 +61,28 @@ CODE_NAMES_FILES = {
     "train": DATA_DIR / "code_names" / "train.tsv",
     "validation": DATA_DIR / "code_names" / "validation.tsv",
 }
+MISSING_WORD_FILES = {
+    "train": DATA_DIR / "missing_word" / "train.tsv",
+    "validation": DATA_DIR / "missing_word" / "validation.tsv",
+}
 EXTRA_IDS = 100  # sentinels for span corruption, at the top of the id range
 MIXTURE_RATES = {"pydocs_span_corruption": 3.0, "pydocs_prefix_lm": 1.0}
 FINETUNE_MIXTURE_RATES = {"pydocs_section_titles": 1.0, "pydocs_code_names": 1.0}
 # Section titles keep unprefixed inputs (their results in benchmarks/RESULTS.md stay
 # comparable); one prefixed task is enough to tell the two apart.
 CODE_NAMES_PREFIX = "code name: "
+MISSING_WORD_PREFIX = "missing word: "
 
 
 def _check_files() -> None:
     for path in (VOCAB_PATH, *SPLIT_FILES.values(), *SECTION_TITLES_FILES.values(),
-                 *CODE_NAMES_FILES.values()):
+                 *CODE_NAMES_FILES.values(), *MISSING_WORD_FILES.values()):
         if not path.exists():
             raise FileNotFoundError(
                 f"bundled data file is missing: {path}. Rebuild it from the repository "
                 "root with `python -m data.build_corpus` (fine-tuning tasks: "
-                "`python -m data.build_section_titles`, `python -m data.build_code_names`).")
+                "`python -m data.build_section_titles`, `python -m data.build_code_names`, "
+                "`python -m data.build_missing_word`).")
 
 
 def pydocs_vocabulary() -> seqio.SentencePieceVocabulary:
@@ -90,7 +103,9 @@ def register() -> None:
                                       vocabulary=vocab, cache_tokenized_in_memory=True)
     user_tasks.register_mixture(name="pydocs_mixture", rates=MIXTURE_RATES)
     for name, files, prefix in (("pydocs_section_titles", SECTION_TITLES_FILES, ""),
-                                ("pydocs_code_names", CODE_NAMES_FILES, CODE_NAMES_PREFIX)):
+                                ("pydocs_code_names", CODE_NAMES_FILES, CODE_NAMES_PREFIX),
+                                ("pydocs_missing_word", MISSING_WORD_FILES,
+                                 MISSING_WORD_PREFIX)):
         text_to_text.register_tsv_task(
             name=name, vocabulary=vocab,
             patterns={split: str(path) for split, path in files.items()},
