@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data import build_code_names
-from test_finetune_task import check_reproducible
+from test_finetune_task import check_first_validation_example, check_reproducible
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "data" / "code_names"
@@ -94,19 +94,10 @@ def test_the_finetune_mixture_samples_its_tasks_at_their_rates():
 
 
 def test_the_task_yields_the_paragraph_and_its_quoted_name():
-    import data.tasks  # noqa: F401 - registers the task
-    import seqio
-    task = seqio.get_mixture_or_task("pydocs_code_names")
-    assert [f.__name__ for f in task.predict_metric_fns] == ["exact_match", "rouge_l"]
-    first = next(iter(task.get_dataset({"inputs": 256, "targets": 32}, split="validation",
-                                       shuffle=False).as_numpy_iterator()))
     paragraph, name = rows("validation")[0]
-    vocab = task.output_features["targets"].vocabulary
-    assert first["targets_pretokenized"].decode() == name
-    np.testing.assert_array_equal(first["targets"], vocab.encode(name) + [1])  # + EOS
-    assert first["inputs_pretokenized"].decode() == "code name: " + paragraph
-    np.testing.assert_array_equal(first["inputs"], vocab.encode("code name: " + paragraph)
-                                  + [1])
+    first, vocab = check_first_validation_example(
+        "pydocs_code_names", {"inputs": 256, "targets": 32}, prefix="code name: ",
+        text=paragraph, target=name)
     # The name is tokenized as in its paragraph, but for the closing quote, which may
     # merge with punctuation ('"AttributeError")." -> ... 'AttributeError' '").'): the
     # model can mostly copy token for token.

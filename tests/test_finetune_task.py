@@ -25,6 +25,26 @@ def check_reproducible(build, bundled: pathlib.Path, tmp_path: pathlib.Path) -> 
     assert "PSF licence" in source and "data/corpus/LICENSE" in source
 
 
+def check_first_validation_example(task_name: str, feature_lengths: dict, *, prefix: str,
+                                   text: str, target: str):
+    """A bundled text-to-text task yields its first validation row, `prefix + text`
+    -> `target`, tokenized with EOS, scored by exact match and ROUGE-L (shared with
+    test_code_names_task.py and test_missing_word_task.py). Returns that example and
+    the vocabulary."""
+    import data.tasks  # noqa: F401 - registers the tasks
+    import seqio
+    task = seqio.get_mixture_or_task(task_name)
+    assert [f.__name__ for f in task.predict_metric_fns] == ["exact_match", "rouge_l"]
+    first = next(iter(task.get_dataset(feature_lengths, split="validation",
+                                       shuffle=False).as_numpy_iterator()))
+    vocab = task.output_features["targets"].vocabulary
+    assert first["targets_pretokenized"].decode() == target
+    np.testing.assert_array_equal(first["targets"], vocab.encode(target) + [1])  # + EOS
+    assert first["inputs_pretokenized"].decode() == prefix + text
+    np.testing.assert_array_equal(first["inputs"], vocab.encode(prefix + text) + [1])
+    return first, vocab
+
+
 def test_build_is_reproducible_byte_for_byte(tmp_path):
     check_reproducible(build_section_titles.build, BUNDLED, tmp_path)
     train = (BUNDLED / "train.tsv").read_text(encoding="utf-8").splitlines()

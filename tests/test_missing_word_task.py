@@ -4,12 +4,11 @@ word of a corpus paragraph, validation text only from the held-out corpus file."
 import collections
 import pathlib
 
-import numpy as np
 
 from data import build_missing_word
 from data.build_missing_word import BLANK
 from data.build_section_titles import CORPUS_FILES, corpus_documents, paragraphs
-from test_finetune_task import check_reproducible
+from test_finetune_task import check_first_validation_example, check_reproducible
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "data" / "missing_word"
@@ -76,16 +75,6 @@ def test_the_commonest_answer_scores_seven_percent_of_validation():
 
 
 def test_the_task_yields_the_prefixed_paragraph_and_its_word():
-    import data.tasks  # noqa: F401 - registers the task
-    import seqio
-    task = seqio.get_mixture_or_task("pydocs_missing_word")
-    assert [f.__name__ for f in task.predict_metric_fns] == ["exact_match", "rouge_l"]
-    first = next(iter(task.get_dataset({"inputs": 256, "targets": 16}, split="validation",
-                                       shuffle=False).as_numpy_iterator()))
     blanked, word = rows("validation")[0]
-    vocab = task.output_features["targets"].vocabulary
-    assert first["targets_pretokenized"].decode() == word
-    np.testing.assert_array_equal(first["targets"], vocab.encode(word) + [1])  # + EOS
-    assert first["inputs_pretokenized"].decode() == "missing word: " + blanked
-    np.testing.assert_array_equal(first["inputs"],
-                                  vocab.encode("missing word: " + blanked) + [1])
+    check_first_validation_example("pydocs_missing_word", {"inputs": 256, "targets": 16},
+                                   prefix="missing word: ", text=blanked, target=word)
