@@ -10,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -28,6 +29,37 @@ def label_smoothing_constant(*, vocab_size: int, label_smoothing: float) -> floa
     return entropy
 
 
+@jax.custom_vjp
+def pick_targets(logits_NxV: Array, targets_N: Array) -> Array:
+    """logits[..., target] for int32 targets: autodiff's `take_along_axis`, whose
+    gradient is written as an elementwise select instead of a scatter-add.
+
+    Why: autodiff transposes the gather into a scatter-add that XLA materialises as
+    a float32 [tokens, vocab] buffer (112 MiB for T5.1.1-small's 912 target tokens)
+    beside the softmax's gradient, and the sum of the two, the logits' gradient,
+    lives until the output kernel's gradient. As a select, XLA fuses it into that
+    sum. The values are the same (`g` at the target, 0 elsewhere), so the gradients
+    are autodiff's (tests/test_losses.py).
+    """
+    return jnp.take_along_axis(logits_NxV, targets_N[..., None], axis=-1)[..., 0]
+
+
+def _pick_targets_fwd(logits_NxV, targets_N):
+    return pick_targets(logits_NxV, targets_N), (targets_N, logits_NxV.shape[-1])
+
+
+def _pick_targets_bwd(residuals, g_N):
+    targets_N, vocab_size = residuals
+    vocab_NxV = jax.lax.broadcasted_iota(jnp.int32, targets_N.shape + (vocab_size,),
+                                         targets_N.ndim)
+    d_logits_NxV = jnp.where(vocab_NxV == targets_N[..., None], g_N[..., None],
+                             jnp.zeros((), g_N.dtype))
+    return d_logits_NxV, np.zeros(targets_N.shape, jax.dtypes.float0)
+
+
+pick_targets.defvjp(_pick_targets_fwd, _pick_targets_bwd)
+
+
 def cross_entropy_with_z_loss(
     logits_BxLxV: Array,
     targets_BxL: Array,
@@ -37,13 +69,16 @@ def cross_entropy_with_z_loss(
     label_smoothing: float,
 ) -> tuple[Array, Array]:
     """Per-token (cross-entropy + z-loss) and the z-loss part alone, both weighted.
+    Any leading shape: [B, L, V] logits or, as `loss_and_metric_sums` passes them,
+    [B * L, V].
 
     - Cross-entropy is against a smoothed target: `1 - label_smoothing` on the
       true token and `label_smoothing / (V - 1)` on each other token, minus the
       constant that makes its minimum 0.
     - z-loss is `z_loss * logsumexp(logits)**2`, which keeps the softmax
       normaliser near 1 (log Z near 0) for bf16 stability.
-    Computed in float32 without materialising a one-hot [B, L, V] tensor:
+    Computed in float32 without materialising a one-hot [B, L, V] tensor (nor its
+    gradient: `pick_targets`):
     with log p = logits - log Z,
       CE = -(conf - low) * log p[target] - low * sum_v log p[v] - constant.
     """
@@ -53,9 +88,7 @@ def cross_entropy_with_z_loss(
     low = label_smoothing / (vocab_size - 1)
 
     log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-    target_logit_BxL = jnp.take_along_axis(
-        logits_BxLxV, targets_BxL[..., None].astype(jnp.int32), axis=-1
-    )[..., 0]
+    target_logit_BxL = pick_targets(logits_BxLxV, targets_BxL.astype(jnp.int32))
     target_logp_BxL = target_logit_BxL - log_z_BxL
     ce_BxL = -(confidence - low) * target_logp_BxL
     if low > 0:
@@ -138,9 +171,18 @@ def loss_and_metric_sums(
     """
     token_w, weight_sum = normalized_weights(
         weights_BxL, segment_ids_BxL=segment_ids_BxL, normalization=normalization)
-    loss_BxL, z_BxL = cross_entropy_with_z_loss(
-        logits_BxLxV, targets_BxL, token_w, z_loss=z_loss, label_smoothing=label_smoothing)
-    correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32)
+    # Tokens flattened, as the output projection's dot has them ([B*L, D] x [D, V]):
+    # then the logits, their exp and their gradient share one shape and XLA fuses
+    # and frees them in place of [B, L, V] copies (-48 MiB of the 1-device
+    # T5.1.1-small step's temporaries with `pick_targets`, benchmarks/RESULTS.md).
+    batch_shape = targets_BxL.shape
+    logits_NxV = logits_BxLxV.reshape(-1, logits_BxLxV.shape[-1])
+    loss_N, z_N = cross_entropy_with_z_loss(
+        logits_NxV, targets_BxL.reshape(-1), token_w.reshape(-1), z_loss=z_loss,
+        label_smoothing=label_smoothing)
+    loss_BxL, z_BxL = loss_N.reshape(batch_shape), z_N.reshape(batch_shape)
+    correct_BxL = (jnp.argmax(logits_NxV, axis=-1).reshape(batch_shape)
+                   == targets_BxL).astype(jnp.float32)
     loss_sum = jnp.sum(loss_BxL)
     metrics = {
         'loss_sum': loss_sum,

@@ -119,8 +119,9 @@ def _stack(layer_cls: type[nn.Module], cfg: T5Config, num_layers: int,
 
 
 def _relpos_bias(cfg: T5Config, q_len: int, k_len: int, *, bidirectional: bool,
-                 query_offset: Array | int = 0) -> Array:
-    """The stack's shared relative position bias [1, H, Q, K] (module `relpos_bias`)."""
+                 query_offset: Array | int = 0) -> t5_layers.RelativeBias:
+    """The stack's relative position bias (module `relpos_bias`), which every layer
+    looks up itself."""
     return t5_layers.RelativePositionBiases(
         num_buckets=cfg.relative_attention_num_buckets,
         max_distance=cfg.relative_attention_max_distance,
@@ -166,7 +167,7 @@ class Encoder(nn.Module):
         mask_Bx1xLxL = attention.dense_mask(q_len=length, k_len=length, causal=False,
                                             q_segment_ids=segment_ids_BxL,
                                             kv_segment_ids=segment_ids_BxL)
-        bias_1xHxLxL = _relpos_bias(cfg, length, length, bidirectional=True)
+        relpos = _relpos_bias(cfg, length, length, bidirectional=True)
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32),
                                              tokens_BxL.shape)
@@ -176,7 +177,7 @@ class Encoder(nn.Module):
             _embed(self.shared_embedding, tokens_BxL, dtype), input_index_BxL)
         x_BxLxD = drop(x_BxLxD, deterministic=not enable_dropout)
         x_BxLxD = _stack(t5_layers.EncoderLayer, cfg, cfg.num_encoder_layers, enable_dropout,
-                         x_BxLxD, bias_1xHxLxL, mask_Bx1xLxL)
+                         x_BxLxD, relpos, mask_Bx1xLxL)
         x_BxLxD = layers.RMSNorm(dtype=dtype, name='encoder_norm')(x_BxLxD)
         x_BxLxD = drop(x_BxLxD, deterministic=not enable_dropout)
         return nn.with_logical_constraint(x_BxLxD, layers.BLE)
@@ -219,15 +220,15 @@ class Decoder(nn.Module):
             self_mask = attention.dense_mask(q_len=length, k_len=length, causal=True,
                                              q_segment_ids=decoder_segment_ids_BxL,
                                              kv_segment_ids=decoder_segment_ids_BxL)
-            bias_1xHxLxL = _relpos_bias(cfg, length, length, bidirectional=False)
+            relpos = _relpos_bias(cfg, length, length, bidirectional=False)
         else:   # queries at the write's slots, keys at every cache slot
             self_mask = None
-            bias_1xHxLxL = _relpos_bias(cfg, length, cache_write.length, bidirectional=False,
-                                        query_offset=cache_write.index)
+            relpos = _relpos_bias(cfg, length, cache_write.length, bidirectional=False,
+                                  query_offset=cache_write.index)
         y_BxLxD = drop(_embed(self.shared_embedding, tokens_BxL, dtype),
                        deterministic=not enable_dropout)
         y_BxLxD = _stack(t5_layers.DecoderLayer, cfg, cfg.num_decoder_layers, enable_dropout,
-                         y_BxLxD, encoded_BxExD, bias_1xHxLxL, self_mask, cross_mask,
+                         y_BxLxD, encoded_BxExD, relpos, self_mask, cross_mask,
                          cache_write)
         y_BxLxD = layers.RMSNorm(dtype=dtype, name='decoder_norm')(y_BxLxD)
         y_BxLxD = drop(y_BxLxD, deterministic=not enable_dropout)
