@@ -202,8 +202,12 @@ def test_compiled_backward_holds_less_than_plain_autodiffs(monkeypatch):
     mlp_hidden = 2 * 256 * 64 * 2            # one of its MLP's bfloat16 hidden tensors
     # Observed (JAX 0.10.2): half a weights copy less (249,280 bytes; the peak is
     # where the last layer's copy would have been freed anyway), six hidden tensors
-    # less (196,608).
-    assert plain_attention - ours >= weights_copy // 4, (ours, plain_attention)
+    # less (196,608). JAX 0.11's XLA keeps no copy of this tiny model's weights with
+    # plain autodiff either (16,384 bytes apart), so there it must only not cost more.
+    if jax.__version_info__ < (0, 11):
+        assert plain_attention - ours >= weights_copy // 4, (ours, plain_attention)
+    else:
+        assert ours <= plain_attention, (ours, plain_attention)
     assert plain - plain_attention >= 3 * mlp_hidden, (plain_attention, plain)
 
 
