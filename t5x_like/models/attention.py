@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from t5x_like.models import ordering
+
 Array = jax.Array
 IMPLEMENTATIONS = ('xla', 'jax_xla', 'cudnn', 'splash')
 # Added to masked-out logits: zeroes them after softmax, keeps a fully masked
@@ -158,8 +160,25 @@ def dense_mask(*, q_len: int, k_len: int, causal: bool,
 
 
 def _xla_attention(q_BxQxHxD, k_BxKxGxD, v_BxKxGxD, *, mask, bias, scale, dtype,
-                   dropout_fn=None):
-    """Einsum attention with grouped-query support, softmax in float32."""
+                   dropout_fn=None, recompute_weights=False):
+    """Einsum attention with grouped-query support, softmax in float32.
+
+    With `recompute_weights` (and no dropout) the backward pass evaluates the logits
+    and the softmax again (`_attention_recomputed`) instead of keeping the float32
+    weights from the forward pass. Dropout stays out: its mask comes from the
+    module's RNG, which a recomputation outside Flax cannot draw again.
+    """
+    if recompute_weights and dropout_fn is None:
+        return _attention_recomputed(q_BxQxHxD, k_BxKxGxD, v_BxKxGxD, bias, mask,
+                                     float(scale), jnp.dtype(dtype))
+    return _attention_kept(q_BxQxHxD, k_BxKxGxD, v_BxKxGxD, bias, mask, scale=scale,
+                           dtype=dtype, dropout_fn=dropout_fn)
+
+
+def _attention_kept(q_BxQxHxD, k_BxKxGxD, v_BxKxGxD, bias, mask, *, scale, dtype,
+                    dropout_fn=None):
+    """The attention as autodiff differentiates it: the backward pass keeps the
+    float32 weights (`mix_values`)."""
     b, q_len, num_heads, head_dim = q_BxQxHxD.shape
     num_kv = k_BxKxGxD.shape[2]
     group = num_heads // num_kv
@@ -177,6 +196,41 @@ def _xla_attention(q_BxQxHxD, k_BxKxGxD, v_BxKxGxD, *, mask, bias, scale, dtype,
         weights = dropout_fn(weights)
     ctx = mix_values(weights.reshape(b, num_kv, group, q_len, -1), v_BxKxGxD, dtype)
     return ctx.reshape(b, q_len, num_heads, head_dim)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention_recomputed(q, k, v, bias, mask, scale: float, dtype) -> Array:
+    """`_attention_kept`, whose backward pass keeps q, k, v, the bias and the mask
+    and evaluates the weights again.
+
+    Why: the float32 weights are [B, H, Q, K] a layer, 48 MiB in T5.1.1-small's
+    512-token encoder at batch 8 (384 MiB over its 8 layers), against one more Q.K^T
+    product a layer in the backward pass. The backward pass is autodiff's of the
+    same function on the same inputs, so the gradients are those of keeping the
+    weights (tests/test_models_attention.py).
+    Why not `jax.checkpoint`: nothing there ties the recomputation to the backward
+    pass, and XLA's CPU scheduler evaluated most layers' recomputed weights right
+    after the forward pass, beside the kept ones (see `ordering`).
+    """
+    return _attention_kept(q, k, v, bias, mask, scale=scale, dtype=dtype)
+
+
+def _attention_recomputed_fwd(q, k, v, bias, mask, scale, dtype):
+    return _attention_kept(q, k, v, bias, mask, scale=scale, dtype=dtype), (q, k, v, bias, mask)
+
+
+def _attention_recomputed_bwd(scale, dtype, residuals, d_ctx):
+    q, k, v, bias, mask = residuals
+    # The recomputation waits for this layer's turn in the backward pass: q depends
+    # on the cotangent (of q's shape and sharding, so the tie is local).
+    q = ordering.after(q, d_ctx)
+    attend = lambda q, k, v, bias: _attention_kept(q, k, v, bias, mask, scale=scale,
+                                                   dtype=dtype)
+    _, vjp = jax.vjp(attend, q, k, v, bias)
+    return (*vjp(d_ctx), None)
+
+
+_attention_recomputed.defvjp(_attention_recomputed_fwd, _attention_recomputed_bwd)
 
 
 # The name of the attention's weighted sum of values, so that the remat policy that
@@ -319,11 +373,15 @@ def attend(
     mask_Bx1xQxK: Array | None = None,
     dropout_fn=None,
     dtype=jnp.float32,
+    recompute_weights: bool = False,
 ) -> Array:
     """Attention output [B, Q, H, D] in `dtype`; H must be a multiple of G (GQA).
 
     The mask is either given densely (`mask_Bx1xQxK`, used as is) or described by
     `causal` / segment ids / prefix, which lets fused kernels skip work.
+    `recompute_weights`: the `'xla'` path recomputes its attention weights in the
+    backward pass rather than keeping them (see `_xla_attention`); the fused kernels
+    keep no weights in any case.
     """
     impl = choose_implementation(
         implementation, dtype=dtype, has_bias=bias_1xHxQxK is not None,
@@ -364,4 +422,5 @@ def attend(
         mask = dense_mask(q_len=q_len, k_len=k_len, causal=causal, q_segment_ids=segment_ids_BxL,
                           kv_segment_ids=kv_segments, prefix_BxL=prefix_BxL)
     return _xla_attention(q_BxQxHxD, k_BxKxGxD, v_BxKxGxD, mask=mask, bias=bias_1xHxQxK,
-                          scale=scale, dtype=dtype, dropout_fn=dropout_fn)
+                          scale=scale, dtype=dtype, dropout_fn=dropout_fn,
+                          recompute_weights=recompute_weights)

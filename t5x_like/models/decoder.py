@@ -64,6 +64,10 @@ class DecoderConfig:
     scan_layers: bool = False
     remat_policy: str = 'none'
     attention_impl: str = 'xla'
+    # Memory: under remat_policy 'none', the backward pass recomputes each
+    # attention's float32 weights from q and k instead of keeping them (one more
+    # Q.K^T product a layer; see attention._xla_attention).
+    recompute_attention_weights: bool = True
     # Facts of the vocabulary and context the model was trained with, unused by the
     # layers: Hugging Face import/export carries them (config.json and
     # generation_config.json), and generation ends on `eos_token_id` (one id, or
@@ -164,6 +168,8 @@ class GroupedQueryAttention(nn.Module):
             prefix_BxL=prefix_BxL,
             mask_Bx1xQxK=mask,
             dtype=dtype,
+            recompute_weights=layers.recomputes_attention_weights(
+                requested=cfg.recompute_attention_weights, remat_policy=cfg.remat_policy),
         )
         ctx = nn.with_logical_constraint(ctx, layers.BLHK)
         out = layers.DenseGeneral(

@@ -29,9 +29,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 from jax.ad_checkpoint import checkpoint_name
 
-from t5x_like.models import attention
+from t5x_like.models import attention, ordering
 
 Array = jax.Array
 Initializer = Callable[[jax.Array, Sequence[int], Any], jax.Array]
@@ -157,16 +158,26 @@ def _project_trailing(x: Array, kernel: Array, num_contracted: int, dtype: Any,
 
 
 def _project_trailing_fwd(x, kernel, num_contracted, dtype, out_dtype):
-    return _project_trailing(x, kernel, num_contracted, dtype, out_dtype), (x, kernel)
+    # With symbolic zeros, x and kernel arrive with whether each is differentiated.
+    # A kernel that is not (an adapter run's frozen base) needs no gradient, and the
+    # backward pass learns so from the key its residual is kept under, which is a
+    # static part of the residuals' structure.
+    out = _project_trailing(x.value, kernel.value, num_contracted, dtype, out_dtype)
+    return out, (x.value, {'trained' if kernel.perturbed else 'frozen': kernel.value})
 
 
 def _project_trailing_bwd(num_contracted, dtype, out_dtype, residuals, dy):
-    x, kernel = residuals
+    x, kernel_by_role = residuals
+    (role, kernel), = kernel_by_role.items()
+    if isinstance(dy, SymbolicZero):
+        return None, None
     batch = tuple(range(x.ndim - num_contracted))
     features_of_dy = tuple(range(len(batch), dy.ndim))
     features_of_kernel = tuple(range(num_contracted, kernel.ndim))
-    d_kernel = jax.lax.dot_general(x.astype(dtype), dy, ((batch, batch), ((), ())),
-                                   preferred_element_type=out_dtype)
+    d_kernel = None
+    if role == 'trained':
+        d_kernel = jax.lax.dot_general(x.astype(dtype), dy, ((batch, batch), ((), ())),
+                                       preferred_element_type=out_dtype)
     if jnp.dtype(dtype) != kernel.dtype:
         # The barrier keeps XLA from merging this cast with the forward pass's, which
         # would keep every kernel's low-precision copy alive from the forward dot to
@@ -175,11 +186,21 @@ def _project_trailing_bwd(num_contracted, dtype, out_dtype, residuals, dy):
     d_x = jax.lax.dot_general(dy, kernel.astype(dtype),
                               ((features_of_dy, features_of_kernel), ((), ())),
                               preferred_element_type=out_dtype)
+    if d_kernel is None:
+        return d_x.astype(dtype).astype(x.dtype), None
+    if attention.target_platform() == 'cpu':
+        # XLA's CPU scheduler otherwise computes every encoder kernel's gradient at
+        # the end of the step, holding each layer's float32 operands until then
+        # (see `ordering`): d_x, which the layer below waits for, now waits for it.
+        # Not on accelerators, where the tie would wait for the gradient's
+        # cross-device reduction, which their schedulers overlap with the layers
+        # below.
+        d_x = ordering.after(d_x, d_kernel.reshape(-1)[0])
     # As autodiff: the cotangent of each cast operand, then cast back.
     return (d_x.astype(dtype).astype(x.dtype), d_kernel.astype(dtype).astype(kernel.dtype))
 
 
-_project_trailing.defvjp(_project_trailing_fwd, _project_trailing_bwd)
+_project_trailing.defvjp(_project_trailing_fwd, _project_trailing_bwd, symbolic_zeros=True)
 
 
 def project_trailing(x: Array, kernel: Array, num_contracted: int, dtype: Any,
@@ -398,6 +419,15 @@ def check_remat_policy(remat_policy: str) -> None:
     if remat_policy not in REMAT_POLICIES:
         raise ValueError(f'remat_policy {remat_policy!r}; choose one of '
                          f'{sorted(REMAT_POLICIES)}.')
+
+
+def recomputes_attention_weights(*, requested: bool, remat_policy: str) -> bool:
+    """Whether a stack's attention recomputes its weights in the backward pass
+    (`attention.attend(recompute_weights=...)`): as requested, under
+    `remat_policy='none'` only. A rematerialised layer's policy already decides what
+    its backward pass keeps, and a second recomputation nested in it would change
+    what each policy means (the dot counts in tests/test_models_layers.py)."""
+    return requested and remat_policy == 'none'
 
 
 def apply_stack(layer_cls: type[nn.Module], x: Array, *broadcast: Any, num_layers: int,

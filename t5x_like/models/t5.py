@@ -56,6 +56,10 @@ class T5Config:
     # get a leading 'layers' axis, see scan_params) and rematerialise per layer.
     scan_layers: bool = False
     remat_policy: str = 'none'  # see layers.REMAT_POLICIES
+    # Memory: under remat_policy 'none', the backward pass recomputes each
+    # attention's float32 weights from q and k instead of keeping them (one more
+    # Q.K^T product a layer; see attention._xla_attention).
+    recompute_attention_weights: bool = True
 
     def __post_init__(self):
         layers.check_remat_policy(self.remat_policy)
@@ -115,6 +119,8 @@ def _stack(layer_cls: type[nn.Module], cfg: T5Config, num_layers: int,
         remat_policy=cfg.remat_policy, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
         mlp_dim=cfg.mlp_dim, dropout_rate=cfg.dropout_rate, dtype=cfg.compute_dtype,
         mlp_activation=cfg.mlp_activation, attention_impl=cfg.attention_impl,
+        recompute_attention_weights=layers.recomputes_attention_weights(
+            requested=cfg.recompute_attention_weights, remat_policy=cfg.remat_policy),
         enable_dropout=enable_dropout)
 
 

@@ -49,6 +49,7 @@ class MultiHeadDotProductAttention(nn.Module):
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
     attention_impl: str = 'xla'  # see models/attention.py
+    recompute_weights: bool = False  # see attention.attend
 
     @nn.compact
     def __call__(
@@ -104,6 +105,7 @@ class MultiHeadDotProductAttention(nn.Module):
             bias_1xHxQxK=bias_1xHxQxK,
             dropout_fn=dropout_fn,
             dtype=self.dtype,
+            recompute_weights=self.recompute_weights,
         )
         ctx_BxQxHxK = nn.with_logical_constraint(ctx_BxQxHxK, BLHK)
         out_BxQxD = DenseGeneral(
@@ -249,12 +251,14 @@ class _Layer(nn.Module):
     dtype: Any = jnp.float32
     mlp_activation: str = 'gated-gelu'
     attention_impl: str = 'xla'
+    recompute_attention_weights: bool = False
     enable_dropout: bool = False
 
     def _attention(self, name: str) -> MultiHeadDotProductAttention:
         return MultiHeadDotProductAttention(
             num_heads=self.num_heads, head_dim=self.head_dim, dropout_rate=self.dropout_rate,
-            dtype=self.dtype, attention_impl=self.attention_impl, name=name)
+            dtype=self.dtype, attention_impl=self.attention_impl,
+            recompute_weights=self.recompute_attention_weights, name=name)
 
     def _mlp_residual(self, x_BxLxD: Array, drop: nn.Dropout) -> Array:
         h = RMSNorm(dtype=self.dtype, name='pre_mlp_layer_norm')(x_BxLxD)
