@@ -1,5 +1,5 @@
 """Fine-tuning on this CPU: full against LoRA (rank 8 and 16) and prompt tuning (20
-vectors), as `launch.train` runs them.
+vectors, uniform or from vocabulary embeddings), as `launch.train` runs them.
 
     .venv/bin/python -m benchmarks.finetune                      # both models, 60/10 steps
     .venv/bin/python -m benchmarks.finetune --models cpu --steps 300
@@ -45,10 +45,12 @@ METHODS = {
     'lora_r8': (LORA, ['lora.LoRA.rank=8', 'lora.LoRA.alpha=16.0']),
     'lora_r16': (LORA, ['lora.LoRA.rank=16', 'lora.LoRA.alpha=32.0']),
     'prompt': (PROMPT, []),
+    # Lester et al.'s init: the base's embeddings of 20 of its 5,000 commonest pieces.
+    'prompt_vocab': (PROMPT, ["prompt_tuning.PromptTuning.init='vocabulary'"]),
     'scratch': (FULL, ['train_loop.train.init_from=None']),
 }
 MODELS = {'cpu': ('configs/models/t5_1_1_cpu.gin',
-                  ['full', 'lora_r8', 'lora_r16', 'prompt', 'scratch']),
+                  ['full', 'lora_r8', 'lora_r16', 'prompt', 'prompt_vocab', 'scratch']),
           'small': ('configs/models/t5_1_1_small.gin', ['full', 'lora_r8', 'lora_r16', 'prompt'])}
 FIRST_TIMED_STEP = 6
 

@@ -14,7 +14,7 @@ from flax import traverse_util
 from t5x_like import errors, tree_paths
 from t5x_like.data import converters
 from t5x_like.decoding import decode, inference
-from t5x_like.finetuning import prompt_tuning, trainable
+from t5x_like.finetuning import lora, prompt_tuning, trainable
 from t5x_like.models import decoder, t5
 from t5x_like.parallel import partitioning
 from t5x_like.training import optimizers, run_config, trainer
@@ -204,3 +204,36 @@ def test_disagreeing_prompt_lengths_and_targets_only_data_are_config_errors():
         converters.model_feature_lengths({"targets": 8}, converter="lm", soft_prompt_length=N)
     with pytest.raises(errors.ConfigError, match="length=0"):
         prompt_tuning.PromptTuning(length=0)
+    with pytest.raises(errors.ConfigError, match="init='random'"):
+        prompt_tuning.PromptTuning(init="random")
+    with pytest.raises(errors.ConfigError, match="tokens must be distinct"):
+        prompt_tuning.PromptTuning(length=20, init="vocabulary", vocabulary_sample_from=10)
+
+
+@pytest.mark.parametrize("family", ["t5", "decoder"])
+def test_the_vocabulary_init_is_the_base_on_sampled_common_tokens(family):
+    """Lester et al.'s init: the prompted model at step 0 is the base model with
+    `length` distinct tokens from the vocabulary's most common in front, bit for bit."""
+    adapter = prompt_tuning.PromptTuning(length=N, init="vocabulary",
+                                         vocabulary_sample_from=40)
+    base = init(make_model(family, adapter=None), seed=7)
+    fresh, _ = trainable.split(init(make_model(family, adapter), seed=0),
+                               prompt_tuning.TRAINABLE_PATTERN)
+    started = make_model(family, adapter).started_from_base(
+        trainable_params=fresh, frozen_params=base, seed=11)
+
+    ids = adapter.vocabulary_ids(seed=11, vocab_size=256)
+    assert len(set(ids.tolist())) == N and all(3 <= i < 43 for i in ids)
+    np.testing.assert_array_equal(ids, adapter.vocabulary_ids(seed=11, vocab_size=256))
+    assert not np.array_equal(ids, adapter.vocabulary_ids(seed=12, vocab_size=256))
+
+    got = make_model(family, adapter).logits(trainable.merge(started, base),
+                                             packed(family, EXAMPLES, prefix=SLOTS))
+    want = make_model(family, adapter=None).logits(
+        base, packed(family, EXAMPLES, prefix=[int(i) for i in ids]))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+    # The uniform init (the default) and LoRA leave what init made.
+    for other in (ADAPTER, lora.LoRA()):
+        assert make_model(family, other).started_from_base(
+            trainable_params=fresh, frozen_params=base, seed=11) is fresh

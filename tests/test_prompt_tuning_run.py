@@ -85,3 +85,35 @@ def test_a_prompt_the_data_does_not_reserve_stops_before_model_init(tmp_path, st
     line = one_error_line(log)
     assert "soft prompt has 4 vectors but the data puts 0 placeholder tokens" in line
     assert not os.path.exists(os.path.join(model_dir, "checkpoints"))
+
+
+def test_a_new_run_starts_its_prompt_from_the_base_embeddings(tmp_path, straight_run):
+    """init='vocabulary' reads the loaded base: at a learning rate of 0 the first
+    checkpoint's prompt is the base checkpoint's embeddings of the drawn tokens."""
+    import jax
+    import numpy as np
+    from flax import traverse_util
+    from t5x_like.finetuning import prompt_tuning
+    model_dir, pretrained = str(tmp_path / "prompt"), f"{straight_run}/checkpoints"
+    run_launcher("train", model_dir, f"--gin.PRETRAINED_DIR='{pretrained}'",
+                 "--gin.prompt_tuning.PromptTuning.init='vocabulary'",
+                 "--gin.optax.constant_schedule.value=0.0", "--gin.TRAIN_STEPS=1",
+                 "--gin.train_loop.train.eval_every_steps=0", gin_file=GIN)
+
+    def read(directory, step, path):
+        """One parameter of a checkpoint, on this host."""
+        reader = checkpoints.CheckpointReader(directory)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = traverse_util.unflatten_dict({
+            key[len("params/"):]: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=device)
+            for key, meta in reader._state_metadata(step).items()
+            if key.startswith("params/")}, sep="/")
+        params = reader.restore_params(step, abstract_params=abstract)
+        reader.close()
+        return np.asarray(traverse_util.flatten_dict(params, sep="/")[path])
+
+    prompt = read(os.path.join(model_dir, "checkpoints"), 1, "encoder/soft_prompt/prompt")
+    table = read(pretrained, 6, "token_embedder/embedding")
+    ids = prompt_tuning.PromptTuning(length=4, init="vocabulary").vocabulary_ids(
+        seed=0, vocab_size=table.shape[0])
+    np.testing.assert_array_equal(prompt, table[ids])

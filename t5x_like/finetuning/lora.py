@@ -26,6 +26,7 @@ import functools
 import math
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import flax.linen as nn
 from flax import traverse_util
@@ -86,6 +87,12 @@ class LoRA:
             raise errors.ConfigError(f"lora.LoRA.targets {self.targets!r} is not a "
                                      f"regular expression ({e})",
                                      fix="correct the pattern") from e
+
+    def started_from_base(self, *, trainable_params: Any, frozen_params: Any,
+                          seed: int) -> Any:
+        """As initialised: B = 0 makes the adapted model the base at step 0."""
+        del frozen_params, seed
+        return trainable_params
 
     @property
     def scale(self) -> float:

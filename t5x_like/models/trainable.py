@@ -62,6 +62,10 @@ class Model(Protocol):
     def soft_prompt_length(self) -> int:
         """Placeholder tokens the data puts before each example's inputs (0: none)."""
 
+    def started_from_base(self, *, trainable_params: Any, frozen_params: Any,
+                          seed: int) -> Any:
+        """A new run's trainable parameters once its frozen base is loaded."""
+
 
 class Adapter(Protocol):
     """A parameter-efficient method that adds its own parameters to a model's and
@@ -79,6 +83,11 @@ class Adapter(Protocol):
 
     def applied(self, *, enable_dropout: bool) -> ContextManager[None]:
         """A context in which the module's layers create and use the adapter."""
+
+    def started_from_base(self, *, trainable_params: Any, frozen_params: Any,
+                          seed: int) -> Any:
+        """A new run's trainable parameters, given its loaded frozen base (an init
+        that reads the base, e.g. a soft prompt from its embeddings; else as is)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -109,6 +118,14 @@ class TrainableLM:
     def soft_prompt_length(self) -> int:
         """Placeholder tokens the data puts before each example's inputs (0: none)."""
         return 0 if self.adapter is None else self.adapter.soft_prompt_length
+
+    def started_from_base(self, *, trainable_params: Any, frozen_params: Any,
+                          seed: int) -> Any:
+        """A new adapter run's trainable parameters once its base is loaded."""
+        if self.adapter is None:
+            return trainable_params
+        return self.adapter.started_from_base(
+            trainable_params=trainable_params, frozen_params=frozen_params, seed=seed)
 
     def adapted(self, *, enable_dropout: bool = False) -> ContextManager[None]:
         """Where the module's `init` and `apply` run: with the adapter, if any."""

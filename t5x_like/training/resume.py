@@ -71,6 +71,9 @@ def restore_or_init(*, run: RunConfig, checkpointer: checkpoints.Checkpointer,
                                      partitioner=partitioner, feature_lengths=feature_lengths,
                                      seed=run.seed, layout=layout)
     log.info("Initialised a new model (seed %d)", run.seed)
+    if base is not None:
+        state = state.replace(params=run.model.started_from_base(
+            trainable_params=state.params, frozen_params=frozen, seed=run.seed))
     if init_from is not None and base is None:
         state = state.replace(params=restore_params_from(
             init_from, abstract_params=layout.abstract_with_shardings().params,
