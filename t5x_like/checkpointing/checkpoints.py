@@ -55,6 +55,7 @@ from etils import epath
 from t5x_like import errors, storage, tree_paths
 from t5x_like.checkpointing import integrity
 from t5x_like.checkpointing import restore_causes
+from t5x_like.parallel import collective_failures
 
 log = logging.getLogger(__name__)
 
@@ -287,11 +288,14 @@ class Checkpointer:
             kept = (f"the last complete checkpoint is step {complete[-1]}, intact"
                     if complete else "no earlier checkpoint exists")
             cause = " ".join(str(e).split())
+            fix = ("check that every process of the run is running and can reach the "
+                   "others, then rerun to resume"
+                   if collective_failures.collective_failure_in(e) is not None
+                   else "free disk space or fix permissions, then rerun to resume")
             raise CheckpointWriteError(
                 f"Writing the checkpoint for step {step} to {self.directory} failed "
                 f"({type(e).__name__}: {cause[:300]}{'...' if len(cause) > 300 else ''}); "
-                f"{kept}",
-                fix="free disk space or fix permissions, then rerun to resume") from e
+                f"{kept}", fix=fix) from e
 
     def _list_complete_steps(self) -> list[int]:
         try:

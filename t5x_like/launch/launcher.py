@@ -233,24 +233,32 @@ def run_program(main: Callable[[], object]) -> NoReturn:
     error prints its line, tells the other processes of the run, flushes the logs
     and ends the process at once: library threads (Orbax's writers after a failed
     write, asyncio tasks) must not keep it alive or bury the line under their noise.
+    An error from a collective that broke is, in a run of several processes, most
+    often another process dying: the watchdog then speaks first (it names that
+    process), and this error is reported only if every peer still answers.
     """
     preemption.notice_sigterm()
     _send_background_tracebacks_to_the_log()
-    message = None
+    message = error = None
+    is_bug = False
     try:
         main()
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         message = None if isinstance(e.code, int) or e.code is None else str(e.code)
+        error = e
     except KeyboardInterrupt:
         code, message = 130, ("error: interrupted (Ctrl-C) — rerun the same command to "
                               "resume from the last complete checkpoint")
-    except BaseException:  # noqa: BLE001 - a bug: its traceback is what helps
-        traceback.print_exc()
-        code = 1
+    except BaseException as e:  # noqa: BLE001 - a bug: its traceback is what helps
+        code, error, is_bug = 1, e, True
     if _watchdog is not None:
+        if error is not None and code != 0 and _lost_peer_may_explain(error):
+            _watchdog.await_verdict()    # ends the process, naming the peer, if it is gone
         _watchdog.leave(code)
+    if is_bug:
+        traceback.print_exception(error)
     if code == 0:
         sys.exit(0)
     if message:
@@ -259,6 +267,13 @@ def run_program(main: Callable[[], object]) -> NoReturn:
     sys.stderr.flush()
     logging.shutdown()
     os._exit(code)
+
+
+def _lost_peer_may_explain(error: BaseException) -> bool:
+    """Whether `error` came from a collective that broke, which in a run of several
+    processes is how this one first learns that another died."""
+    from t5x_like.parallel import collective_failures
+    return collective_failures.collective_failure_in(error) is not None
 
 
 def _send_background_tracebacks_to_the_log() -> None:

@@ -124,6 +124,21 @@ class PeerWatchdog:
         logging.shutdown()
         os._exit(1)
 
+    def await_verdict(self) -> None:
+        """Blocks long enough for the watchdog to notice a peer that died just now.
+
+        For a caller holding an error that a lost peer may have caused (a collective
+        that broke: parallel/collective_failures.py): if a peer is gone, the watchdog's
+        thread prints its line and ends the process during this wait; if this returns,
+        every peer is still answering and the caller's own error is the one to report.
+        The wait is the timeout plus the ticks that detection lags behind it.
+        """
+        if self._leaving or not self._thread.is_alive():
+            return
+        log.info("a collective failed; checking whether another process of the run is "
+                 "gone (at most %.0f s)", self._timeout_s + 3 * INTERVAL_S)
+        self._thread.join(self._timeout_s + 3 * INTERVAL_S)
+
     # ------------------------------------------------------------------ leaving
 
     def leave(self, code: int) -> None:
