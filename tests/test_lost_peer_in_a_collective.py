@@ -23,7 +23,7 @@ from t5x_like.parallel import collective_failures
 TIMEOUT_S = 3          # the peers' heartbeat timeout: the wait is bounded by it
 
 
-def run_two_processes(directory, *extra):
+def run_two_processes(directory, *extra, timeout_s=TIMEOUT_S):
     """(output of process 0, output of process 1, seconds process 0 took after
     checkpoint 1)."""
     with socket.socket() as s:
@@ -33,7 +33,7 @@ def run_two_processes(directory, *extra):
         [sys.executable, "tests/collective_breaks_program.py", f"--directory={directory}",
          "--num_cpu_devices=2", "--num_processes=2", f"--process_id={i}",
          f"--coordinator_address=127.0.0.1:{port}",
-         f"--heartbeat_timeout_seconds={TIMEOUT_S}", *extra],
+         f"--heartbeat_timeout_seconds={timeout_s}", *extra],
         cwd=REPO, env={**train_env(), "PYTHONPATH": REPO}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True) for i in range(2)]
     lines = []
@@ -64,8 +64,10 @@ def test_a_collective_broken_by_a_dead_peer_is_reported_as_the_dead_peer(tmp_pat
     assert took < 1.0 + TIMEOUT_S + 10, took       # the timeout, the lag, the exit
 
 
-def test_with_every_peer_answering_the_writes_own_error_is_reported(tmp_path):
-    procs, out0, out1, took = run_two_processes(str(tmp_path))
+def test_with_every_peer_answering_the_writes_own_error_is_reported_at_once(tmp_path):
+    """The watchdog is asked, and answers as soon as the peer has beaten twice (~2
+    s), not after the whole heartbeat timeout (30 s here)."""
+    procs, out0, out1, took = run_two_processes(str(tmp_path), timeout_s=30)
     assert procs[0].returncode == 1, out0[-3000:]
     errors = error_lines(out0)
     assert len(errors) == 1, out0[-3000:]
@@ -74,7 +76,8 @@ def test_with_every_peer_answering_the_writes_own_error_is_reported(tmp_path):
     assert "the last complete checkpoint is step 1, intact" in errors[0]
     assert ("check that every process of the run is running and can reach the others"
             in errors[0]), errors[0]
-    assert took >= TIMEOUT_S, took                 # it waited for the watchdog first
+    assert "checking whether another process of the run is gone" in out0, out0[-3000:]
+    assert took < 15, took                         # 1 s before the write, ~2 s asking
     # Process 0 left with an error, so process 1's watchdog ends it with one line.
     assert procs[1].returncode == 1, out1[-3000:]
     assert error_lines(out1)[0].startswith(

@@ -58,6 +58,9 @@ class PeerWatchdog:
         self._dead: set[int] = set()
         now = time.monotonic()
         self._last_seen = {p: (None, now) for p in range(process_count) if p != process_index}
+        # How many new counter values each peer has shown: a peer that shows two after
+        # a moment was alive after it (a dead one's last beat can land late, once).
+        self._beats_seen = dict.fromkeys(self._last_seen, 0)
         self._thread = threading.Thread(target=self._run, name="peer_watchdog", daemon=True)
 
     def start(self) -> PeerWatchdog:
@@ -103,6 +106,7 @@ class PeerWatchdog:
                 del self._last_seen[peer]        # finished cleanly
             elif value != seen:
                 self._last_seen[peer] = (value, now)
+                self._beats_seen[peer] += 1
             elif now - since > self._timeout_s:
                 self._dead.add(peer)
                 return (f"process {peer} of {self._count} stopped answering (no "
@@ -125,19 +129,26 @@ class PeerWatchdog:
         os._exit(1)
 
     def await_verdict(self) -> None:
-        """Blocks long enough for the watchdog to notice a peer that died just now.
+        """Blocks until the watchdog knows whether a peer died just now.
 
         For a caller holding an error that a lost peer may have caused (a collective
-        that broke: parallel/collective_failures.py): if a peer is gone, the watchdog's
-        thread prints its line and ends the process during this wait; if this returns,
-        every peer is still answering and the caller's own error is the one to report.
-        The wait is the timeout plus the ticks that detection lags behind it.
+        that broke: parallel/collective_failures.py). If a peer is gone, the
+        watchdog's thread prints its line and ends the process during this wait
+        (within the timeout, plus the ticks detection lags behind it). It returns
+        as soon as every peer still watched has beaten twice since the call (about
+        2 s): they are alive, and the caller's own error is the one to report.
         """
         if self._leaving or not self._thread.is_alive():
             return
         log.info("a collective failed; checking whether another process of the run is "
                  "gone (at most %.0f s)", self._timeout_s + 3 * INTERVAL_S)
-        self._thread.join(self._timeout_s + 3 * INTERVAL_S)
+        before = dict(self._beats_seen)
+        deadline = time.monotonic() + self._timeout_s + 3 * INTERVAL_S
+        while time.monotonic() < deadline and self._thread.is_alive():
+            if all(self._beats_seen[peer] >= before[peer] + 2
+                   for peer in list(self._last_seen)):
+                return
+            time.sleep(INTERVAL_S / 4)
 
     # ------------------------------------------------------------------ leaving
 
