@@ -14,7 +14,10 @@ watchdog, a thread that talks through the coordination service's key-value store
     be blocked in a collective that will never complete: there is nothing to unwind);
   * a process that is leaving writes `exit:<code>` instead (`leave`). A peer that
     left with an error takes the others down with the same kind of line; one that
-    finished cleanly is no longer watched.
+    finished cleanly is no longer watched;
+  * an error from a collective that broke (a peer's socket closed mid-AllGather) is
+    often the first sign of a dead peer, seconds before its heartbeats are missed:
+    the launcher asks `await_verdict` before reporting it.
 
 JAX's own heartbeat timeout is set to twice `timeout_s` plus a margin (launch/launcher.py),
 so the watchdog always speaks first. Process 0 hosts the coordination service, and
