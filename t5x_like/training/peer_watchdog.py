@@ -109,7 +109,8 @@ class PeerWatchdog:
                 del self._last_seen[peer]        # finished cleanly
             elif value != seen:
                 self._last_seen[peer] = (value, now)
-                self._beats_seen[peer] += 1
+                if value is not None:      # None: the service did not answer this tick
+                    self._beats_seen[peer] += 1
             elif now - since > self._timeout_s:
                 self._dead.add(peer)
                 return (f"process {peer} of {self._count} stopped answering (no "
