@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
-
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn

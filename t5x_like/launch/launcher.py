@@ -254,7 +254,8 @@ def run_program(main: Callable[[], object]) -> NoReturn:
     except BaseException as e:  # noqa: BLE001 - a bug: its traceback is what helps
         code, error, is_bug = 1, e, True
     if _watchdog is not None:
-        if error is not None and code != 0 and _lost_peer_may_explain(error):
+        from t5x_like.parallel import collective_failures
+        if code != 0 and collective_failures.collective_failure_in(error) is not None:
             _watchdog.await_verdict()    # ends the process, naming the peer, if it is gone
         _watchdog.leave(code)
     if is_bug:
@@ -267,13 +268,6 @@ def run_program(main: Callable[[], object]) -> NoReturn:
     sys.stderr.flush()
     logging.shutdown()
     os._exit(code)
-
-
-def _lost_peer_may_explain(error: BaseException) -> bool:
-    """Whether `error` came from a collective that broke, which in a run of several
-    processes is how this one first learns that another died."""
-    from t5x_like.parallel import collective_failures
-    return collective_failures.collective_failure_in(error) is not None
 
 
 def _send_background_tracebacks_to_the_log() -> None:
